@@ -1,0 +1,331 @@
+"""The flash-attention kernel family as Triton-lowered Pallas calls (interpret mode off the GPU).
+
+Layout is flash-attn's: q (b, sq, H, dp), k/v (b, sk, Hk, dp) with dp the head dim padded to a power of
+two (the padding is masked on load, never materialized). Three kernels:
+
+- forward: one program per (query tile, batch, head); online softmax in the exp2 domain over the key
+  tiles the mask lets it see, boundary tiles with the element test, interior tiles without it.
+- dQ: one program per (query tile, batch, head); also computes delta = rowsum(dO * O) - dlse for its
+  rows and writes it for the dK/dV pass, so no separate preprocess launch is needed.
+- dK/dV: one program per (key tile, batch, kv head); loops over the G query heads of its group and the
+  query tiles that can see it, so GQA gradients are summed in registers without atomics (deterministic).
+
+The variant options (AttentionSpec) are static: each kernel compiles only the score terms it uses.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_attn import _compat
+from pallas_attn.spec import LN2, LOG2E, AttentionSpec
+from pallas_attn.tiles import KernelConfigs, TileConfig
+
+_INF = float("inf")
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+  # fp32 operands get true fp32 products (Triton would otherwise use tf32).
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+class _Scores:
+  """The logit pipeline of SPEC section 0 in the exp2 domain, and its derivative.
+
+  log2-domain logit: t * log2(e), where t = scale * raw, or softcap * tanh(scale * raw / softcap),
+  plus ALiBi's -slope * |i + off - j|. Masking is applied by the caller.
+  """
+
+  def __init__(self, spec: AttentionSpec, slope):
+    self.spec = spec
+    self.slope = slope  # scalar fp32 or None
+
+  def logits(self, raw, rows, cols):
+    spec = self.spec
+    if spec.softcap > 0:
+      th = jnp.tanh(raw * (spec.scale / spec.softcap))
+      s = th * (spec.softcap * LOG2E)
+    else:
+      th = None
+      s = raw * (spec.scale * LOG2E)
+    if spec.alibi:
+      dist = jnp.abs(rows[:, None] + spec.mask.off - cols[None, :]).astype(jnp.float32)
+      s = s - (self.slope * LOG2E) * dist
+    return s, th
+
+  def raw_grad(self, ds, th):
+    """d loss / d raw from d loss / d t (ALiBi is additive, so it drops out)."""
+    spec = self.spec
+    if spec.softcap > 0:
+      return ds * ((1.0 - th * th) * spec.scale)
+    return ds * spec.scale
+
+
+def _tile_loops(bounds, body, carry):
+  """Runs body over [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked."""
+  lo, full_lo, full_hi, hi = bounds
+  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _load_slope(alibi_ref, idx=None):
+  if alibi_ref is None:
+    return None
+  vec = alibi_ref[...] if idx is None else alibi_ref[idx]
+  return jnp.sum(vec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
+                n_q_tiles: int, reverse: bool):
+  alibi_ref = refs[0] if spec.alibi else None
+  o_ref, lse_ref = refs[-2:]
+  bq, bk = cfg.block_q, cfg.block_k
+  mask = spec.mask
+  dp = q_ref.shape[-1]
+
+  pid = pl.program_id(0)
+  # Causal tiles near the bottom do the most work; launching them first evens out the tail.
+  q_tile = (n_q_tiles - 1 - pid) if reverse else pid
+  rows = q_tile * bq + jnp.arange(bq)
+  row_ok = rows < mask.sq
+  head_ok = jnp.arange(dp) < head_dim
+  q = _compat.load(q_ref, mask=row_ok[:, None] & head_ok[None, :], other=0.0)
+  scores = _Scores(spec, _load_slope(alibi_ref))
+
+  def body(kv_tile, carry, masked):
+    acc, m_i, l_i = carry
+    start = kv_tile * bk
+    cols = start + jnp.arange(bk)
+    kv_mask = (cols < mask.sk)[:, None] & head_ok[None, :] if masked else head_ok[None, :]
+    k = _compat.load(k_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
+    if masked:
+      s = jnp.where(mask.visible(rows, cols), s, -_INF)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
+    m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + jnp.sum(p, axis=1)
+    v = _compat.load(v_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l_i
+
+  carry = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), -_INF, jnp.float32),
+           jnp.zeros((bq,), jnp.float32))
+  acc, m_i, l_i = _tile_loops(mask.kv_tiles(q_tile, bq, bk), body, carry)
+
+  empty = l_i == 0.0
+  out = acc / jnp.where(empty, 1.0, l_i)[:, None]
+  lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
+  _compat.store(o_ref, out.astype(o_ref.dtype), mask=row_ok[:, None] & head_ok[None, :])
+  _compat.store(lse_ref, lse, mask=row_ok)
+
+
+def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
+            interpret: bool):
+  """out (b, sq, H, dp) and lse (b, H, sq) fp32 (natural log; +inf on empty rows)."""
+  b, sq, h, dp = q.shape
+  hk = k.shape[2]
+  group = h // hk
+  cfg = cfgs.fwd
+  n_q = pl.cdiv(sq, cfg.block_q)
+  reverse = spec.mask.right is not None
+  kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
+                             reverse=reverse)
+  in_specs = [
+      pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
+      pl.BlockSpec((None, spec.sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0)),
+      pl.BlockSpec((None, spec.sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0)),
+  ]
+  args = [q, k, v]
+  if spec.alibi:
+    in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
+    args.append(alibi)
+  return pl.pallas_call(
+      kernel,
+      grid=(n_q, b, h),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
+          pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
+      compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name="pallas_attn_fwd",
+  )(*args)
+
+
+def _q_tile_index(n_q, reverse):
+  if reverse:
+    return lambda i, j, hh: (j, n_q - 1 - i, hh, 0)
+  return lambda i, j, hh: (j, i, hh, 0)
+
+
+def _lse_tile_index(n_q, reverse):
+  if reverse:
+    return lambda i, j, hh: (j, hh, n_q - 1 - i)
+  return lambda i, j, hh: (j, hh, i)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
+               cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool):
+  alibi_ref = refs[0] if spec.alibi else None
+  dq_ref, delta_ref = refs[-2:]
+  bq, bk = cfg.block_q, cfg.block_k
+  mask = spec.mask
+  dp = q_ref.shape[-1]
+
+  pid = pl.program_id(0)
+  q_tile = (n_q_tiles - 1 - pid) if reverse else pid
+  rows = q_tile * bq + jnp.arange(bq)
+  row_ok = rows < mask.sq
+  head_ok = jnp.arange(dp) < head_dim
+  tile_mask = row_ok[:, None] & head_ok[None, :]
+  q = _compat.load(q_ref, mask=tile_mask, other=0.0)
+  do = _compat.load(do_ref, mask=tile_mask, other=0.0)
+  o = _compat.load(o_ref, mask=tile_mask, other=0.0)
+  # d lse / d t = P, so an incoming lse cotangent folds into delta.
+  delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+           - _compat.load(dlse_ref, mask=row_ok, other=0.0))
+  lse2 = _compat.load(lse_ref, mask=row_ok, other=_INF) * LOG2E
+  scores = _Scores(spec, _load_slope(alibi_ref))
+
+  def body(kv_tile, dq, masked):
+    start = kv_tile * bk
+    cols = start + jnp.arange(bk)
+    kv_mask = (cols < mask.sk)[:, None] & head_ok[None, :] if masked else head_ok[None, :]
+    k = _compat.load(k_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    v = _compat.load(v_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)
+    p = jnp.exp2(s - lse2[:, None])
+    if masked:
+      p = jnp.where(mask.visible(rows, cols), p, 0.0)
+    dpv = _dot(do, v, trans_b=True)
+    ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = _tile_loops(mask.kv_tiles(q_tile, bq, bk), body, jnp.zeros((bq, dp), jnp.float32))
+  _compat.store(dq_ref, dq.astype(dq_ref.dtype), mask=tile_mask)
+  _compat.store(delta_ref, delta, mask=row_ok)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
+                cfg: TileConfig, head_dim: int, group: int):
+  alibi_ref = refs[0] if spec.alibi else None
+  dk_ref, dv_ref = refs[-2:]
+  bq, bk = cfg.block_q, cfg.block_k
+  mask = spec.mask
+  dp = k_ref.shape[-1]
+
+  kv_tile = pl.program_id(0)
+  cols = kv_tile * bk + jnp.arange(bk)
+  col_ok = cols < mask.sk
+  head_ok = jnp.arange(dp) < head_dim
+  tile_mask = col_ok[:, None] & head_ok[None, :]
+  k = _compat.load(k_ref, mask=tile_mask, other=0.0)
+  v = _compat.load(v_ref, mask=tile_mask, other=0.0)
+  bounds = mask.q_tiles(kv_tile, bq, bk)
+
+  def head(g, carry):
+    scores = _Scores(spec, _load_slope(alibi_ref, g))
+
+    def body(q_tile, carry, masked):
+      dk, dv = carry
+      start = q_tile * bq
+      rows = start + jnp.arange(bq)
+      row_ok = rows < mask.sq
+      q_mask = row_ok[:, None] & head_ok[None, :]
+      q = _compat.load(q_ref.at[pl.ds(start, bq), g, :], mask=q_mask, other=0.0)
+      do = _compat.load(do_ref.at[pl.ds(start, bq), g, :], mask=q_mask, other=0.0)
+      lse2 = _compat.load(lse_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=_INF) * LOG2E
+      delta = _compat.load(delta_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=0.0)
+      s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
+      p = jnp.exp2(s - lse2[:, None])
+      if masked:
+        p = jnp.where(mask.visible(rows, cols), p, 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      dpv = _dot(do, v, trans_b=True)
+      ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+      return dk, dv
+
+    return _tile_loops(bounds, body, carry)
+
+  zeros = jnp.zeros((bk, dp), jnp.float32)
+  if group == 1:
+    dk, dv = head(jnp.int32(0), (zeros, zeros))
+  else:
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  _compat.store(dk_ref, dk.astype(dk_ref.dtype), mask=tile_mask)
+  _compat.store(dv_ref, dv.astype(dv_ref.dtype), mask=tile_mask)
+
+
+def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs,
+             head_dim: int, interpret: bool):
+  """dq, dk, dv in the input dtypes (head dim padded like the inputs)."""
+  b, sq, h, dp = q.shape
+  sk, hk = k.shape[1], k.shape[2]
+  group = h // hk
+  reverse = spec.mask.right is not None
+
+  cfg = cfgs.bwd_dq
+  n_q = pl.cdiv(sq, cfg.block_q)
+  q_tile = pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse))
+  q_rows = pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse))
+  kv_full = pl.BlockSpec((None, sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0))
+  in_specs = [q_tile, kv_full, kv_full, q_tile, q_tile, q_rows, q_rows]
+  args = [q, k, v, out, dout, lse, dlse]
+  if spec.alibi:
+    in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
+    args.append(alibi)
+  dq, delta = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
+                        reverse=reverse),
+      grid=(n_q, b, h),
+      in_specs=in_specs,
+      out_specs=[q_tile, q_rows],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
+      compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name="pallas_attn_bwd_dq",
+  )(*args)
+
+  cfg = cfgs.bwd_dkv
+  n_k = pl.cdiv(sk, cfg.block_k)
+  kv_tile = pl.BlockSpec((None, cfg.block_k, None, dp), lambda i, j, g: (j, i, g, 0))
+  q_group = pl.BlockSpec((None, sq, group, dp), lambda i, j, g: (j, 0, g, 0))
+  rows_group = pl.BlockSpec((None, group, sq), lambda i, j, g: (j, g, 0))
+  in_specs = [q_group, kv_tile, kv_tile, q_group, rows_group, rows_group]
+  args = [q, k, v, dout, lse, delta]
+  if spec.alibi:
+    in_specs.append(pl.BlockSpec((None, group, 1), lambda i, j, g: (j, g, 0)))
+    args.append(alibi)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group),
+      grid=(n_k, b, hk),
+      in_specs=in_specs,
+      out_specs=[kv_tile, kv_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name="pallas_attn_bwd_dkv",
+  )(*args)
+  return dq, dk, dv

@@ -1,0 +1,68 @@
+"""Argument validation with messages that name the argument, what was expected and what was given."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+MAX_HEAD_DIM = 256
+
+
+def _dtype_name(x) -> str:
+  return str(np.dtype(x.dtype)) if hasattr(x, "dtype") else type(x).__name__
+
+
+def require_array(name: str, x, ndim: int, layout: str):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name}: expected an array of shape {layout}, got {type(x).__name__}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name}: expected a {ndim}-D array {layout}, got shape {tuple(x.shape)}")
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
+    raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {_dtype_name(x)}")
+
+
+def require_same_dtype(**arrays):
+  names = list(arrays)
+  first = arrays[names[0]]
+  for n in names[1:]:
+    if jnp.dtype(arrays[n].dtype) != jnp.dtype(first.dtype):
+      raise TypeError(f"{n}: expected dtype {_dtype_name(first)} (the dtype of {names[0]}), "
+                      f"got {_dtype_name(arrays[n])}")
+
+
+def check_qkv(q, k, v):
+  """q (b, sq, H, d), k/v (b, sk, Hk, d) with H % Hk == 0 and d <= 256."""
+  require_array("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+  require_array("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+  require_array("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+  require_same_dtype(q=q, k=k, v=v)
+  b, _, h, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k: expected shape ({b}, seqlen_k, nheads_k, {d}) to match q {tuple(q.shape)}, "
+                     f"got {tuple(k.shape)}")
+  if tuple(v.shape) != tuple(k.shape):
+    raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
+  if h % k.shape[2] != 0:
+    raise ValueError(f"k: nheads ({h}) must be a multiple of nheads_k, got nheads_k={k.shape[2]}")
+  if not 0 < d <= MAX_HEAD_DIM:
+    raise ValueError(f"q: expected head dim in [1, {MAX_HEAD_DIM}], got {d}")
+  if q.shape[1] == 0 or k.shape[1] == 0:
+    raise ValueError(f"q/k: expected non-empty sequences, got seqlen_q={q.shape[1]}, seqlen_k={k.shape[1]}")
+
+
+def check_options(*, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, nheads):
+  if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+  if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+    raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+  if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+      or not all(isinstance(w, (int, np.integer)) and w >= -1 for w in window_size)):
+    raise ValueError(f"window_size: expected a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+  if not isinstance(softcap, (int, float)) or softcap < 0:
+    raise ValueError(f"softcap: expected a float >= 0 (0 disables it), got {softcap!r}")
+  if alibi_slopes is not None:
+    shape = tuple(getattr(alibi_slopes, "shape", ()))
+    if shape not in ((nheads,), (batch, nheads)):
+      raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got {shape}")
+    if jnp.dtype(alibi_slopes.dtype) != jnp.float32:
+      raise TypeError(f"alibi_slopes: expected dtype float32, got {_dtype_name(alibi_slopes)}")

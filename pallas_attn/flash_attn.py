@@ -1,0 +1,99 @@
+"""FlashAttention-2's dense API on the JAX face: same names, arguments and returns as flash-attn 2.8.
+
+JAX idiom where JAX forces it: dropout takes the keyword-only PRNG key `dropout_key`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from pallas_attn import checks
+from pallas_attn.flash import attention
+from pallas_attn.spec import AttentionSpec, band_from_window
+
+
+def _alibi_rows(alibi_slopes, batch: int, nheads: int):
+  if alibi_slopes is None:
+    return None
+  slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (batch, nheads))
+  return slopes[:, :, None]
+
+
+def prepare(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+            softcap=0.0, alibi_slopes=None):
+  """Validates flash_attn_func's arguments; returns the kernel spec and the ALiBi rows (b, H, 1)."""
+  checks.check_qkv(q, k, v)
+  b, sq, h, d = q.shape
+  checks.check_options(dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size,
+                       softcap=softcap, alibi_slopes=alibi_slopes, batch=b, nheads=h)
+  if dropout_p > 0:
+    raise NotImplementedError("dropout_p > 0 is not supported yet (dropout lands with the varlen issue)")
+  spec = AttentionSpec(
+      mask=band_from_window(sq, k.shape[1], causal, tuple(window_size)),
+      scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d),
+      softcap=float(softcap),
+      alibi=alibi_slopes is not None,
+  )
+  return spec, _alibi_rows(alibi_slopes, b, h)
+
+
+def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+           return_attn_probs, dropout_key, tiles=None):
+  spec, alibi = prepare(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+  out, lse = attention(q, k, v, alibi, spec, tiles)
+  if return_attn_probs:
+    return out, lse, jnp.zeros((0,), q.dtype)
+  return out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    dropout_key=None, tiles=None):
+  """Scaled dot-product attention softmax(q k^T * scale) v without materializing the scores.
+
+  Arguments:
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads a
+      multiple of nheads_k (query head h reads kv head h // (nheads / nheads_k)).
+    causal: bottom-right aligned. With seqlen_q=2, seqlen_k=5 the mask is 1 1 1 1 0 / 1 1 1 1 1;
+      with seqlen_q=5, seqlen_k=2 it is 0 0 / 0 0 / 0 0 / 1 0 / 1 1 (empty rows give out 0).
+    window_size: (left, right); query i sees keys in [i + sk - sq - left, i + sk - sq + right],
+      -1 meaning unbounded on that side.
+    softcap: > 0 applies softcap * tanh(score / softcap) before ALiBi and masking.
+    alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + sk - sq - j|.
+    deterministic: accepted for compatibility; the backward is always deterministic.
+    return_attn_probs: also return lse (batch, nheads, seqlen_q) fp32 and S_dmask (empty without dropout).
+    dropout_key: PRNG key for dropout (keyword-only, JAX face only).
+    tiles: KernelConfigs overriding the tuned tile table (keyword-only, for experiments).
+  Returns:
+    out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
+  """
+  del deterministic
+  return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                return_attn_probs, dropout_key, tiles)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False, *, dropout_key=None,
+                              tiles=None):
+  """flash_attn_func with qkv (batch, seqlen, 3, nheads, headdim) stacked."""
+  del deterministic
+  checks.require_array("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)")
+  if qkv.shape[2] != 3:
+    raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+  return _flash(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+                window_size, softcap, alibi_slopes, return_attn_probs, dropout_key, tiles)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False, *, dropout_key=None,
+                              tiles=None):
+  """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) stacked."""
+  del deterministic
+  checks.require_array("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+  if kv.shape[2] != 2:
+    raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+  return _flash(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                alibi_slopes, return_attn_probs, dropout_key, tiles)

@@ -1,0 +1,39 @@
+"""The static description of one attention problem: which variant options the kernels compile in.
+
+Every field is hashable, so a spec is a jit static argument and each distinct spec compiles once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from pallas_attn.masking import BandMask
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Score pipeline of SPEC section 0: scale or softcap, then additive terms (ALiBi), then the mask."""
+  mask: BandMask
+  scale: float
+  softcap: float = 0.0
+  alibi: bool = False
+
+  @property
+  def sq(self) -> int:
+    return self.mask.sq
+
+  @property
+  def sk(self) -> int:
+    return self.mask.sk
+
+
+def band_from_window(sq: int, sk: int, causal: bool, window_size) -> BandMask:
+  """flash-attn's (causal, window_size) pair as a band; -1 is unbounded and causal forces right = 0."""
+  left, right = window_size
+  if causal:
+    right = 0
+  return BandMask(sq=sq, sk=sk, left=None if left < 0 else int(left),
+                  right=None if right < 0 else int(right))
