@@ -56,6 +56,31 @@ def backward(q, k, v, alibi, out, lse, dout, dlse, spec: AttentionSpec,
       q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi))
 
 
+@functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=(4, 5))
+def forward_into(q, k, v, alibi, out, lse, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None):
+  """forward() writing into the donated buffers out (like q) and lse (b, H, sq) fp32."""
+  kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
+                             head_dim=q.shape[-1])
+  return tuple(_dispatch(
+      lambda q, k, v, alibi, out, lse, interpret: kernel(q, k, v, alibi, interpret=interpret,
+                                                         into=(out, lse)),
+      q, k, v, alibi, out, lse))
+
+
+@functools.partial(jax.jit, static_argnums=(11, 12), donate_argnums=(8, 9, 10))
+def backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, spec: AttentionSpec,
+                  cfgs: tiles.KernelConfigs | None = None):
+  """backward() writing into the donated buffers dq, dk, dv (like q, k, v)."""
+  if dlse is None:
+    dlse = jnp.zeros(lse.shape, jnp.float32)
+  kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
+                             head_dim=q.shape[-1])
+  return tuple(_dispatch(
+      lambda q, k, v, out, lse, dout, dlse, alibi, dq, dk, dv, interpret: kernel(
+          q, k, v, out, lse, dout, dlse, alibi, interpret=interpret, into=(dq, dk, dv)),
+      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, dq, dk, dv))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None):
   """Differentiable (out, lse); gradients flow to q, k, v (ALiBi slopes get none)."""

@@ -133,8 +133,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
 
 
 def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
-            interpret: bool):
-  """out (b, sq, H, dp) and lse (b, H, sq) fp32 (natural log; +inf on empty rows)."""
+            interpret: bool, into=None):
+  """out like q and lse (b, H, sq) fp32 (natural log; +inf on empty rows).
+
+  into: optional (out, lse) buffers the results are written into (aliased, so a caller that donates
+  them, like the torch bridge, gets its own memory back).
+  """
   b, sq, h, dp = q.shape
   hk = k.shape[2]
   group = h // hk
@@ -152,20 +156,31 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  out_specs = [
+      pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
+      pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse)),
+  ]
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, into)
   return pl.pallas_call(
       kernel,
       grid=(n_q, b, h),
       in_specs=in_specs,
-      out_specs=[
-          pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
-          pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse)),
-      ],
+      out_specs=out_specs,
+      input_output_aliases=aliases,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="pallas_attn_fwd",
   )(*args)
+
+
+def _alias_into(in_specs, args, out_specs, into):
+  """Appends the caller's output buffers as inputs aliased to the outputs (the kernel never reads them)."""
+  if into is None:
+    return in_specs, args, {}
+  aliases = {len(args) + n: n for n in range(len(into))}
+  return in_specs + list(out_specs), args + list(into), aliases
 
 
 def _q_tile_index(n_q, reverse):
@@ -278,8 +293,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
 
 
 def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs,
-             head_dim: int, interpret: bool):
-  """dq, dk, dv in the input dtypes (head dim padded like the inputs)."""
+             head_dim: int, interpret: bool, into=None):
+  """dq, dk, dv in the input dtypes; into: optional (dq, dk, dv) buffers to write them into."""
   b, sq, h, dp = q.shape
   sk, hk = k.shape[1], k.shape[2]
   group = h // hk
@@ -295,12 +310,17 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  dq_into = None
+  if into is not None:
+    dq_into = (into[0], jnp.empty((b, h, sq), jnp.float32))
+  in_specs, args, aliases = _alias_into(in_specs, args, [q_tile, q_rows], dq_into)
   dq, delta = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
                         reverse=reverse),
       grid=(n_q, b, h),
       in_specs=in_specs,
       out_specs=[q_tile, q_rows],
+      input_output_aliases=aliases,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
@@ -318,11 +338,14 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, group, 1), lambda i, j, g: (j, g, 0)))
     args.append(alibi)
+  in_specs, args, aliases = _alias_into(in_specs, args, [kv_tile, kv_tile],
+                                        None if into is None else into[1:])
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group),
       grid=(n_k, b, hk),
       in_specs=in_specs,
       out_specs=[kv_tile, kv_tile],
+      input_output_aliases=aliases,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
