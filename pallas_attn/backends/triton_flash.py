@@ -31,7 +31,8 @@ _INF = float("inf")
 def _dot(a, b, *, trans_a=False, trans_b=False):
   # fp32 operands get true fp32 products (Triton would otherwise use tf32).
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 class _Scores:
