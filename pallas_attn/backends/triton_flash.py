@@ -140,7 +140,8 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   into: optional (out, lse) buffers the results are written into (aliased, so a caller that donates
   them, like the torch bridge, gets its own memory back).
   """
-  b, sq, h, dp = q.shape
+  b, sq, h, d = q.shape
+  dp = _compat.next_power_of_2(max(d, 16))
   hk = k.shape[2]
   group = h // hk
   cfg = cfgs.fwd
@@ -296,7 +297,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
 def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs,
              head_dim: int, interpret: bool, into=None):
   """dq, dk, dv in the input dtypes; into: optional (dq, dk, dv) buffers to write them into."""
-  b, sq, h, dp = q.shape
+  b, sq, h, d = q.shape
+  dp = _compat.next_power_of_2(max(d, 16))
   sk, hk = k.shape[1], k.shape[2]
   group = h // hk
   reverse = spec.mask.right is not None
