@@ -44,10 +44,10 @@ class BandMask:
   def is_dense(self) -> bool:
     return self.left is None and self.right is None
 
-  def visible(self, rows, cols):
-    """[len(rows), len(cols)] bool: the element test."""
-    i = rows[:, None] + self.off
-    j = cols[None, :]
+  def visible(self, rows, cols, transposed: bool = False):
+    """[len(rows), len(cols)] bool (or [len(cols), len(rows)] when transposed): the element test."""
+    i = (rows[None, :] if transposed else rows[:, None]) + self.off
+    j = cols[:, None] if transposed else cols[None, :]
     ok = j < self.sk
     if self.right is not None:
       ok = ok & (j <= i + self.right)
@@ -73,14 +73,14 @@ class BandMask:
   def q_tiles(self, kv_tile, block_q: int, block_k: int):
     """(lo, full_lo, full_hi, hi) over query tiles for one key tile (the dK/dV pass).
 
-    Query rows past sq get lse = +inf (zero probability) and key rows past sk are never stored, so
-    neither needs an element test here.
+    Key rows past sk are never stored, so they need no element test here; query tiles that run past
+    sq are boundary tiles (their loads are masked).
     """
     n_q = -(-self.sq // block_q)
     c0 = kv_tile * block_k - self.off
     c1 = kv_tile * block_k + block_k - 1 - self.off
     lo, hi = jnp.int32(0), jnp.int32(n_q)
-    full_lo, full_hi = jnp.int32(0), jnp.int32(n_q)
+    full_lo, full_hi = jnp.int32(0), jnp.int32(self.sq // block_q)
     if self.right is not None:
       lo = _floor_div(c0 - self.right, block_q)
       full_lo = _ceil_div(c1 - self.right, block_q)

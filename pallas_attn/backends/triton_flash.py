@@ -46,7 +46,8 @@ class _Scores:
     self.spec = spec
     self.slope = slope  # scalar fp32 or None
 
-  def logits(self, raw, rows, cols):
+  def logits(self, raw, rows, cols, transposed: bool = False):
+    """raw is [rows, cols], or [cols, rows] when transposed (the dK/dV pass)."""
     spec = self.spec
     if spec.softcap > 0:
       th = jnp.tanh(raw * (spec.scale / spec.softcap))
@@ -55,7 +56,9 @@ class _Scores:
       th = None
       s = raw * (spec.scale * LOG2E)
     if spec.alibi:
-      dist = jnp.abs(rows[:, None] + spec.mask.off - cols[None, :]).astype(jnp.float32)
+      i = (rows[None, :] if transposed else rows[:, None]) + spec.mask.off
+      j = cols[:, None] if transposed else cols[None, :]
+      dist = jnp.abs(i - j).astype(jnp.float32)
       s = s - (self.slope * LOG2E) * dist
     return s, th
 
@@ -73,6 +76,29 @@ def _tile_loops(bounds, body, carry):
   carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _and(*masks):
+  """Conjunction of optional masks; None (everything in bounds) lets Triton emit unmasked loads."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = out & m
+  return out
+
+
+def _head_mask(dp: int, head_dim: int):
+  return None if dp == head_dim else (jnp.arange(dp) < head_dim)[None, :]
+
+
+def _load(ref, mask, other):
+  return _compat.load(ref) if mask is None else _compat.load(ref, mask=mask, other=other)
+
+
+def _store(ref, value, mask):
+  _compat.store(ref, value, mask=mask)
 
 
 def _load_slope(alibi_ref, idx=None):
@@ -99,16 +125,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
   rows = q_tile * bq + jnp.arange(bq)
   row_ok = rows < mask.sq
-  head_ok = jnp.arange(dp) < head_dim
-  q = _compat.load(q_ref, mask=row_ok[:, None] & head_ok[None, :], other=0.0)
+  head_ok = _head_mask(dp, head_dim)
+  tile_mask = _and(row_ok[:, None], head_ok)
+  q = _load(q_ref, tile_mask, 0.0)
   scores = _Scores(spec, _load_slope(alibi_ref))
 
   def body(kv_tile, carry, masked):
     acc, m_i, l_i = carry
     start = kv_tile * bk
     cols = start + jnp.arange(bk)
-    kv_mask = (cols < mask.sk)[:, None] & head_ok[None, :] if masked else head_ok[None, :]
-    k = _compat.load(k_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
+    k = _load(k_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
     s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
     if masked:
       s = jnp.where(mask.visible(rows, cols), s, -_INF)
@@ -118,7 +145,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     alpha = jnp.exp2(m_i - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l_i = l_i * alpha + jnp.sum(p, axis=1)
-    v = _compat.load(v_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    v = _load(v_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_i
 
@@ -129,8 +156,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   empty = l_i == 0.0
   out = acc / jnp.where(empty, 1.0, l_i)[:, None]
   lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-  _compat.store(o_ref, out.astype(o_ref.dtype), mask=row_ok[:, None] & head_ok[None, :])
-  _compat.store(lse_ref, lse, mask=row_ok)
+  _store(o_ref, out.astype(o_ref.dtype), tile_mask)
+  _store(lse_ref, lse, row_ok)
 
 
 def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
@@ -213,11 +240,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
   rows = q_tile * bq + jnp.arange(bq)
   row_ok = rows < mask.sq
-  head_ok = jnp.arange(dp) < head_dim
-  tile_mask = row_ok[:, None] & head_ok[None, :]
-  q = _compat.load(q_ref, mask=tile_mask, other=0.0)
-  do = _compat.load(do_ref, mask=tile_mask, other=0.0)
-  o = _compat.load(o_ref, mask=tile_mask, other=0.0)
+  head_ok = _head_mask(dp, head_dim)
+  tile_mask = _and(row_ok[:, None], head_ok)
+  q = _load(q_ref, tile_mask, 0.0)
+  do = _load(do_ref, tile_mask, 0.0)
+  o = _load(o_ref, tile_mask, 0.0)
   # d lse / d t = P, so an incoming lse cotangent folds into delta.
   delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
            - _compat.load(dlse_ref, mask=row_ok, other=0.0))
@@ -227,9 +254,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
   def body(kv_tile, dq, masked):
     start = kv_tile * bk
     cols = start + jnp.arange(bk)
-    kv_mask = (cols < mask.sk)[:, None] & head_ok[None, :] if masked else head_ok[None, :]
-    k = _compat.load(k_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
-    v = _compat.load(v_ref.at[pl.ds(start, bk), :], mask=kv_mask, other=0.0)
+    kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
+    k = _load(k_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
+    v = _load(v_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
     s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)
     p = jnp.exp2(s - lse2[:, None])
     if masked:
@@ -239,8 +266,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = _tile_loops(mask.kv_tiles(q_tile, bq, bk), body, jnp.zeros((bq, dp), jnp.float32))
-  _compat.store(dq_ref, dq.astype(dq_ref.dtype), mask=tile_mask)
-  _compat.store(delta_ref, delta, mask=row_ok)
+  _store(dq_ref, dq.astype(dq_ref.dtype), tile_mask)
+  _store(delta_ref, delta, row_ok)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
@@ -254,12 +281,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   kv_tile = pl.program_id(0)
   cols = kv_tile * bk + jnp.arange(bk)
   col_ok = cols < mask.sk
-  head_ok = jnp.arange(dp) < head_dim
-  tile_mask = col_ok[:, None] & head_ok[None, :]
-  k = _compat.load(k_ref, mask=tile_mask, other=0.0)
-  v = _compat.load(v_ref, mask=tile_mask, other=0.0)
+  head_ok = _head_mask(dp, head_dim)
+  tile_mask = _and(col_ok[:, None], head_ok)
+  k = _load(k_ref, tile_mask, 0.0)
+  v = _load(v_ref, tile_mask, 0.0)
   bounds = mask.q_tiles(kv_tile, bq, bk)
 
+  # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
+  # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
   def head(g, carry):
     scores = _Scores(spec, _load_slope(alibi_ref, g))
 
@@ -268,19 +297,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
       start = q_tile * bq
       rows = start + jnp.arange(bq)
       row_ok = rows < mask.sq
-      q_mask = row_ok[:, None] & head_ok[None, :]
-      q = _compat.load(q_ref.at[pl.ds(start, bq), g, :], mask=q_mask, other=0.0)
-      do = _compat.load(do_ref.at[pl.ds(start, bq), g, :], mask=q_mask, other=0.0)
+      q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
+      q = _load(q_ref.at[pl.ds(start, bq), g, :], q_mask, 0.0)
+      do = _load(do_ref.at[pl.ds(start, bq), g, :], q_mask, 0.0)
       lse2 = _compat.load(lse_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=_INF) * LOG2E
       delta = _compat.load(delta_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=0.0)
-      s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
-      p = jnp.exp2(s - lse2[:, None])
+      s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)  # [bk, bq]
+      p_t = jnp.exp2(s_t - lse2[None, :])
       if masked:
-        p = jnp.where(mask.visible(rows, cols), p, 0.0)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-      dpv = _dot(do, v, trans_b=True)
-      ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
-      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
+      dv = dv + _dot(p_t.astype(do.dtype), do)
+      dp_t = _dot(v, do, trans_b=True)
+      ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
+      dk = dk + _dot(ds_t.astype(q.dtype), q)
       return dk, dv
 
     return _tile_loops(bounds, body, carry)
@@ -290,8 +319,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
     dk, dv = head(jnp.int32(0), (zeros, zeros))
   else:
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-  _compat.store(dk_ref, dk.astype(dk_ref.dtype), mask=tile_mask)
-  _compat.store(dv_ref, dv.astype(dv_ref.dtype), mask=tile_mask)
+  _store(dk_ref, dk.astype(dk_ref.dtype), tile_mask)
+  _store(dv_ref, dv.astype(dv_ref.dtype), tile_mask)
 
 
 def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs,
