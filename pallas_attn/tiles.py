@@ -25,9 +25,14 @@ class KernelConfigs:
   bwd_dkv: TileConfig
 
 
-# Keyed by (head dim bucket). Evidence: ../shared/PERF_NOTES.md sweep of jax's Pallas-Triton kernel on
-# the H100 at (4, 16, 4096, 128) bf16: forward 128x64/4 warps/2 stages 465 TFLOP/s (best), backward
-# 64x64/4 warps best (342 non-causal); larger head dims halve the tiles to stay inside shared memory.
+# Keyed by head dim bucket. Evidence, H100 bf16 at (b, H, s, d) = (4, 16, 4096, 128), TFLOP/s (fwd / fwd+bwd):
+# - ours, this table (fwd 128x64 w4 s2, both backward passes 64x64 w4 s2): 453 / 379 non-causal,
+#   390 / 344 causal (bench/tune.py, 2026-11-23). Backward alternatives, non-causal fwd+bwd:
+#   dQ 128x32 + dK/dV 32x128 (3 stages) 200; dK/dV 64x128 w8 364; dQ 128x64 w8 + dK/dV 64x128 w8 352;
+#   both passes with 3 stages 344.
+# - forward alternatives (jax's kernel, ../shared/PERF_NOTES.md, confirmed with ours): 128x128 w8 s3
+#   450, 128x64 w4 s3 409; 128x128 w4 and 4 stages at 128-wide keys run out of shared memory.
+# d=64 and d=256 rows are unmeasured extrapolations (d=256 halves the tiles to fit shared memory).
 _TABLE = {
     64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     128: KernelConfigs(TileConfig(128, 64, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),

@@ -1,0 +1,82 @@
+"""Tile-configuration sweep for our kernels on the GPU: one process, one shape, several configs.
+
+  python -m bench.tune [--causal] [--s 4096] [--b 4] [--h 16] [--d 128] [--only fwd|bwd]
+
+Prints compile time and TFLOP/s per config (forward, and forward+backward). Its findings feed the
+table in pallas_attn/tiles.py.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_attn as pa
+from pallas_attn.tiles import KernelConfigs as K
+from pallas_attn.tiles import TileConfig as T
+
+FWD = T(128, 64, 4, 2)
+CANDIDATES = {
+    "default": None,
+    "bwd_dq128x32_dkv32x128_s3": K(FWD, T(128, 32, 4, 3), T(32, 128, 4, 3)),
+    "bwd_dq64x64_dkv64x128_w8": K(FWD, T(64, 64, 4, 2), T(64, 128, 8, 2)),
+    "bwd_dq128x64_w8_dkv64x128_w8": K(FWD, T(128, 64, 8, 2), T(64, 128, 8, 2)),
+    "bwd_s3": K(FWD, T(64, 64, 4, 3), T(64, 64, 4, 3)),
+}
+
+
+def _time(fn, *args, iters=20, reps=5):
+  jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(iters):
+      r = fn(*args)
+    jax.block_until_ready(r)
+    out.append((time.perf_counter() - t) / iters)
+  return float(np.median(out))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--causal", action="store_true")
+  ap.add_argument("--b", type=int, default=4)
+  ap.add_argument("--h", type=int, default=16)
+  ap.add_argument("--s", type=int, default=4096)
+  ap.add_argument("--d", type=int, default=128)
+  ap.add_argument("--configs", default=",".join(CANDIDATES))
+  args = ap.parse_args()
+  b, h, s, d = args.b, args.h, args.s, args.d
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
+  flops = 4 * b * h * s * s * d / (2 if args.causal else 1)
+  rows = []
+  for name in args.configs.split(","):
+    cfg = CANDIDATES[name]
+    fwd = jax.jit(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg))
+
+    def fb(q, k, v):
+      _, vjp = jax.vjp(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg), q, k, v)
+      return vjp(do)
+
+    fb = jax.jit(fb)
+    try:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fb(q, k, v))
+      compile_s = time.perf_counter() - t0
+      tf, tfb = _time(fwd, q, k, v), _time(fb, q, k, v)
+      rows.append((name, compile_s, flops / tf / 1e12, 3.5 * flops / tfb / 1e12))
+      print("TUNE", rows[-1], flush=True)
+    except Exception as e:  # noqa: BLE001  (a config that does not compile is a result too)
+      print("TUNE FAIL", name, repr(e)[:300], flush=True)
+  print(f"\n(b, h, s, d) = {(b, h, s, d)} causal={args.causal}")
+  print("%-32s %9s %10s %10s" % ("config", "compile s", "fwd TF/s", "f+b TF/s"))
+  for name, c, f, fb_ in rows:
+    print("%-32s %9.1f %10.1f %10.1f" % (name, c, f, fb_))
+
+
+if __name__ == "__main__":
+  main()
