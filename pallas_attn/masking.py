@@ -10,8 +10,10 @@ All tile arithmetic works on traced int32 scalars (program ids) as well as Pytho
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -96,3 +98,88 @@ def _nest(lo, full_lo, full_hi, hi):
   full_lo = jnp.clip(full_lo, lo, hi)
   full_hi = jnp.clip(full_hi, full_lo, hi)
   return lo, full_lo, full_hi, hi
+
+
+def _rem(x, n: int):
+  # Truncating remainder in both worlds: numpy on the host (tables), lax in kernels.
+  return np.fmod(x, n) if isinstance(x, np.ndarray) else lax.rem(x, jnp.int32(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class StridedCausalMask:
+  """OpenAI sparse transformer's strided pattern: j <= i and (i - j) % stride == 0.
+
+  It has no contiguous band, so kernels visit it through tile tables (see `tile_tables`).
+  """
+  sq: int
+  sk: int
+  stride: int
+  tabled = True
+
+  @property
+  def off(self) -> int:
+    return self.sk - self.sq
+
+  def visible(self, rows, cols, transposed: bool = False):
+    i = (rows[None, :] if transposed else rows[:, None]) + self.off
+    j = cols[:, None] if transposed else cols[None, :]
+    d = i - j
+    return (j < self.sk) & (d >= 0) & (_rem(d, self.stride) == 0)
+
+
+BandMask.tabled = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TileTables:
+  """FlexAttention-style block mask for one tiling: per tile, the tiles of the other axis to visit,
+  split into partial ones (need the element test) and full ones (do not). Index lists are padded
+  with 0 past their counts. `transposed` tables list query tiles per key tile (the dK/dV pass)."""
+  partial_num: np.ndarray  # [n] int32
+  partial_idx: np.ndarray  # [n, m] int32
+  full_num: np.ndarray
+  full_idx: np.ndarray
+
+  def arrays(self):
+    return (self.partial_num, self.partial_idx, self.full_num, self.full_idx)
+
+
+@functools.lru_cache(maxsize=64)
+def tile_tables(mask, block_q: int, block_k: int, transposed: bool = False) -> TileTables:
+  """Classifies every (query tile, key tile) pair of any mask rule by evaluating it on the host.
+
+  Query rows past sq count as invisible, so a boundary query tile is never 'full'.
+  """
+  n_q, n_k = -(-mask.sq // block_q), -(-mask.sk // block_k)
+  counts = np.zeros((n_q, n_k), np.int64)
+  rows_all = np.arange(n_q * block_q)
+  cols_all = np.arange(n_k * block_k)
+  for qt in range(n_q):
+    rows = rows_all[qt * block_q:(qt + 1) * block_q]
+    vis = np.asarray(mask.visible(rows, cols_all)) & (rows < mask.sq)[:, None]
+    counts[qt] = vis.reshape(block_q, n_k, block_k).sum(axis=(0, 2))
+  kind = np.where(counts == block_q * block_k, 2, np.where(counts > 0, 1, 0))
+  if transposed:
+    kind = kind.T
+  return TileTables(*_lists(kind == 1), *_lists(kind == 2))
+
+
+def _lists(sel: np.ndarray):
+  num = sel.sum(axis=1).astype(np.int32)
+  width = max(int(num.max(initial=0)), 1)
+  idx = np.zeros((sel.shape[0], width), np.int32)
+  for t in range(sel.shape[0]):
+    hits = np.nonzero(sel[t])[0]
+    idx[t, :len(hits)] = hits
+  return num, idx
+
+
+def band_tiles(mask: BandMask, block_q: int, block_k: int, transposed: bool = False):
+  """The band's loop bounds as (partial, full) tile lists, for checking them against a dense mask."""
+  out = []
+  n = -(-(mask.sk if transposed else mask.sq) // (block_k if transposed else block_q))
+  for t in range(n):
+    bounds = (mask.q_tiles if transposed else mask.kv_tiles)(t, block_q, block_k)
+    lo, flo, fhi, hi = (int(x) for x in bounds)
+    out.append((sorted(set(range(lo, flo)) | set(range(fhi, hi))), list(range(flo, fhi))))
+  return out

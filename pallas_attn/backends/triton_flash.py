@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_attn import _compat
+from pallas_attn import _compat, masking
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
@@ -78,6 +78,49 @@ def _tile_loops(bounds, body, carry):
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
+def _table_loops(tables, tile, body, carry):
+  """Runs body over the tile's listed partial tiles (masked), then its full ones (unmasked)."""
+  partial_num, partial_idx, full_num, full_idx = tables
+  carry = lax.fori_loop(0, partial_num[tile],
+                        lambda n, c: body(partial_idx[tile, n], c, masked=True), carry)
+  return lax.fori_loop(0, full_num[tile], lambda n, c: body(full_idx[tile, n], c, masked=False),
+                       carry)
+
+
+def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=False):
+  """Walks the tiles of the other axis that `tile` can see: band bounds, or tile tables."""
+  if mask.tabled:
+    return _table_loops(tables, tile, body, carry)
+  bounds = (mask.q_tiles if transposed else mask.kv_tiles)(tile, block_q, block_k)
+  return _tile_loops(bounds, body, carry)
+
+
+def _split_refs(refs, spec: AttentionSpec, n_out: int):
+  """(alibi_ref or None, tile-table refs or None, output refs) from a kernel's trailing refs.
+
+  Order of the optional inputs: ALiBi slopes, then the four tile tables; aliased output buffers
+  sit between them and the outputs and are never read.
+  """
+  pos = 0
+  alibi = None
+  if spec.alibi:
+    alibi, pos = refs[0], 1
+  tables = None
+  if spec.mask.tabled:
+    tables, pos = tuple(refs[pos:pos + 4]), pos + 4
+  return alibi, tables, refs[-n_out:]
+
+
+def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False):
+  """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel)."""
+  if not spec.mask.tabled:
+    return [], []
+  arrays = [jnp.asarray(a) for a in
+            masking.tile_tables(spec.mask, cfg.block_q, cfg.block_k, transposed).arrays()]
+  specs = [pl.BlockSpec(a.shape, (lambda nd: lambda *_: (0,) * nd)(a.ndim)) for a in arrays]
+  return specs, arrays
+
+
 def _and(*masks):
   """Conjunction of optional masks; None (everything in bounds) lets Triton emit unmasked loads."""
   masks = [m for m in masks if m is not None]
@@ -114,8 +157,7 @@ def _load_slope(alibi_ref, idx=None):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
                 n_q_tiles: int, reverse: bool):
-  alibi_ref = refs[0] if spec.alibi else None
-  o_ref, lse_ref = refs[-2:]
+  alibi_ref, tables, (o_ref, lse_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = q_ref.shape[-1]
@@ -151,7 +193,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
 
   carry = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), -_INF, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
-  acc, m_i, l_i = _tile_loops(mask.kv_tiles(q_tile, bq, bk), body, carry)
+  acc, m_i, l_i = _visit(mask, tables, q_tile, bq, bk, body, carry)
 
   empty = l_i == 0.0
   out = acc / jnp.where(empty, 1.0, l_i)[:, None]
@@ -173,7 +215,7 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   group = h // hk
   cfg = cfgs.fwd
   n_q = pl.cdiv(sq, cfg.block_q)
-  reverse = spec.mask.right is not None
+  reverse = _causal_like(spec.mask)
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
                              reverse=reverse)
   in_specs = [
@@ -185,6 +227,8 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  table_specs, tables = _table_inputs(spec, cfg)
+  in_specs, args = in_specs + table_specs, args + tables
   out_specs = [
       pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
       pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse)),
@@ -202,6 +246,11 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
       interpret=interpret,
       name="pallas_attn_fwd",
   )(*args)
+
+
+def _causal_like(mask) -> bool:
+  """Whether later query tiles see more keys (then they are launched first)."""
+  return mask.tabled or mask.right is not None
 
 
 def _alias_into(in_specs, args, out_specs, into):
@@ -230,8 +279,7 @@ def _lse_tile_index(n_q, reverse):
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
                cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool):
-  alibi_ref = refs[0] if spec.alibi else None
-  dq_ref, delta_ref = refs[-2:]
+  alibi_ref, tables, (dq_ref, delta_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = q_ref.shape[-1]
@@ -265,15 +313,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _tile_loops(mask.kv_tiles(q_tile, bq, bk), body, jnp.zeros((bq, dp), jnp.float32))
+  dq = _visit(mask, tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
   _store(dq_ref, dq.astype(dq_ref.dtype), tile_mask)
   _store(delta_ref, delta, row_ok)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int):
-  alibi_ref = refs[0] if spec.alibi else None
-  dk_ref, dv_ref = refs[-2:]
+  alibi_ref, tables, (dk_ref, dv_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = k_ref.shape[-1]
@@ -285,7 +332,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   tile_mask = _and(col_ok[:, None], head_ok)
   k = _load(k_ref, tile_mask, 0.0)
   v = _load(v_ref, tile_mask, 0.0)
-  bounds = mask.q_tiles(kv_tile, bq, bk)
 
   # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
   # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
@@ -312,7 +358,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
       dk = dk + _dot(ds_t.astype(q.dtype), q)
       return dk, dv
 
-    return _tile_loops(bounds, body, carry)
+    return _visit(mask, tables, kv_tile, bq, bk, body, carry, transposed=True)
 
   zeros = jnp.zeros((bk, dp), jnp.float32)
   if group == 1:
@@ -330,7 +376,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   dp = _compat.next_power_of_2(max(d, 16))
   sk, hk = k.shape[1], k.shape[2]
   group = h // hk
-  reverse = spec.mask.right is not None
+  reverse = _causal_like(spec.mask)
 
   cfg = cfgs.bwd_dq
   n_q = pl.cdiv(sq, cfg.block_q)
@@ -342,6 +388,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  table_specs, tables = _table_inputs(spec, cfg)
+  in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
     dq_into = (into[0], jnp.empty((b, h, sq), jnp.float32))
@@ -370,6 +418,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, group, 1), lambda i, j, g: (j, g, 0)))
     args.append(alibi)
+  table_specs, tables = _table_inputs(spec, cfg, transposed=True)
+  in_specs, args = in_specs + table_specs, args + tables
   in_specs, args, aliases = _alias_into(in_specs, args, [kv_tile, kv_tile],
                                         None if into is None else into[1:])
   dk, dv = pl.pallas_call(
