@@ -1,12 +1,14 @@
 """pallas-attn: attention kernels in JAX Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU)."""
 from pallas_attn import _compat  # noqa: F401  (installs the Triton deprecation filter first)
 from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from pallas_attn.sparse import sparse_attention
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "sparse_attention",
     "KernelConfigs",
     "TileConfig",
 ]
