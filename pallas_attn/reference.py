@@ -46,3 +46,74 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
   p = jnp.where(empty[..., None], 0.0, jnp.exp(t - jnp.where(empty, 0.0, lse)[..., None]))
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=precision)
   return out.astype(dtype), jnp.where(empty, jnp.inf, lse)
+
+
+def landmark_attention_reference(q, k, v, is_mem, sm_scale, block_size, upcast=True):
+  """Landmark attention (SPEC section 3): q (B, H, Lq, d), k/v (B, H, Lk, d) -> out like q.
+
+  Builds the (Lq, Lk) matrix of effective weights: an earlier block's ordinary key j gets
+  A[landmark of its block] * (softmax of the block's ordinary logits)[j], an own-block key j <= p' gets
+  A[j], landmarks get 0; A is the outer softmax over {earlier landmarks} + {own keys j <= p'}.
+  is_mem is accepted for signature parity only: the landmarks sit where SPEC section 3 puts them
+  (the public function rejects any other is_mem).
+  """
+  del is_mem
+  dtype = q.dtype
+  lq, lk = q.shape[2], k.shape[2]
+  bs = block_size
+  if upcast:
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  precision = jax.lax.Precision.HIGHEST
+  s = sm_scale * jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32)
+
+  p = jnp.arange(lq)[:, None] + (lk - lq)  # absolute query positions
+  j = jnp.arange(lk)[None, :]
+  landmark = j % bs == bs - 1
+  earlier = j // bs < p // bs
+  own = (j // bs == p // bs) & (j <= p) & ~landmark  # j <= p' for every ordinary j
+
+  # Outer softmax over earlier landmarks and own-block keys.
+  outer = jnp.where((landmark & earlier) | own, s, -jnp.inf)
+  a = jnp.exp(outer - jax.nn.logsumexp(outer, axis=-1, keepdims=True))
+
+  # Within-block softmax over each block's ordinary keys, blocks laid out as (n_blocks, bs).
+  n_blocks = -(-lk // bs)
+  pad = [(0, 0)] * 3 + [(0, n_blocks * bs - lk)]
+  blocked = lambda x, fill: jnp.pad(x, pad, constant_values=fill).reshape(*x.shape[:3], n_blocks, bs)
+  w = jax.nn.softmax(blocked(jnp.where(landmark, -jnp.inf, s), -jnp.inf), axis=-1)
+  a_block = blocked(a, 0.0)[..., bs - 1:]  # the outer weight of each block's landmark
+  via_landmark = (a_block * w).reshape(*s.shape[:3], n_blocks * bs)[..., :lk]
+
+  weights = jnp.where(earlier & ~landmark, via_landmark, jnp.where(own, a, 0.0))
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, precision=precision)
+  return out.astype(dtype)
+
+
+def sparse_attention_mask(n_ctx: int, attn_mode: str, local_attn_ctx=None):
+  """(n_ctx, n_ctx) bool of OpenAI's sparse transformer patterns; every mode is causal."""
+  i = jnp.arange(n_ctx)[:, None]
+  j = jnp.arange(n_ctx)[None, :]
+  causal = j <= i
+  if attn_mode == "all":
+    return causal
+  if attn_mode == "local":
+    return causal & (i - j < local_attn_ctx)
+  if attn_mode == "strided":
+    return causal & ((i - j) % local_attn_ctx == 0)
+  raise ValueError(f"attn_mode: expected 'all', 'local' or 'strided', got {attn_mode!r}")
+
+
+def sparse_attention_reference(q, k, v, heads: int, attn_mode: str, local_attn_ctx=None,
+                               upcast=True):
+  """q, k, v (n_batch, n_ctx, n_embd); head h owns features [h*d, (h+1)*d); scale d^-0.5."""
+  b, n, e = q.shape
+  d = e // heads
+  dtype = q.dtype
+  split = lambda x: x.reshape(b, n, heads, d).astype(jnp.float32 if upcast else dtype)
+  qh, kh, vh = split(q), split(k), split(v)
+  t = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, precision=jax.lax.Precision.HIGHEST)
+  t = t.astype(jnp.float32) * d ** -0.5
+  t = jnp.where(sparse_attention_mask(n, attn_mode, local_attn_ctx), t, -jnp.inf)
+  p = jax.nn.softmax(t, axis=-1)  # every row sees at least itself
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vh.dtype), vh, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, n, e).astype(dtype)
