@@ -2,8 +2,12 @@
 
 Public functions validate and reshape their arguments, build an AttentionSpec and call `attention`;
 its custom VJP runs the Pallas backward. `forward` and `backward` are the same two jitted steps for
-callers that drive autodiff themselves (the torch bridge). The kernel backend is chosen per lowering
-platform: Triton on CUDA, Pallas interpret mode elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
+callers that drive autodiff themselves (the torch bridge); the `_into` forms write into donated
+buffers. The kernel backend is chosen per lowering platform: Triton on CUDA, Pallas interpret mode
+elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
+
+Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
+(b, H, sq, s_sink) for "ssh" (see pallas_attn/sink.py for the public layouts).
 """
 from __future__ import annotations
 
@@ -33,70 +37,71 @@ def _configs(q, spec, cfgs):
   return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def forward(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None):
-  """q (b, sq, H, d), k/v (b, sk, Hk, d), alibi (b, H, 1) fp32 or None -> out like q, lse (b, H, sq)."""
+def _run_forward(q, k, v, alibi, sink, spec, cfgs, into=None):
   kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
-  return tuple(_dispatch(lambda q, k, v, alibi, interpret: kernel(q, k, v, alibi, interpret=interpret),
-                         q, k, v, alibi))
+  return tuple(_dispatch(
+      lambda q, k, v, alibi, sink, into, interpret: kernel(q, k, v, alibi, sink, interpret=interpret,
+                                                           into=into),
+      q, k, v, alibi, sink, into))
+
+
+def _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs, into=None):
+  if dlse is None:
+    dlse = jnp.zeros(lse.shape, jnp.float32)
+  kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
+                             head_dim=q.shape[-1])
+  return tuple(_dispatch(
+      lambda q, k, v, out, lse, dout, dlse, alibi, sink, into, interpret: kernel(
+          q, k, v, out, lse, dout, dlse, alibi, sink, interpret=interpret, into=into),
+      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, sink, into))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def forward(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None):
+  """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out like q, lse (b, H, sq) fp32 (+inf on empty rows)."""
+  return _run_forward(q, k, v, alibi, sink, spec, cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(8, 9))
 def backward(q, k, v, alibi, out, lse, dout, dlse, spec: AttentionSpec,
-             cfgs: tiles.KernelConfigs | None = None):
-  """dq, dk, dv for the cotangents dout of out and dlse of lse (None means zero)."""
-  if dlse is None:
-    dlse = jnp.zeros(lse.shape, jnp.float32)
-  kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
-                             head_dim=q.shape[-1])
-  return tuple(_dispatch(
-      lambda q, k, v, out, lse, dout, dlse, alibi, interpret: kernel(
-          q, k, v, out, lse, dout, dlse, alibi, interpret=interpret),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi))
+             cfgs: tiles.KernelConfigs | None = None, sink=None):
+  """dq, dk, dv (and dsink with sinks) for the cotangents dout of out and dlse of lse (None = 0)."""
+  return _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=(4, 5))
-def forward_into(q, k, v, alibi, out, lse, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None):
+def forward_into(q, k, v, alibi, out, lse, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None,
+                 sink=None):
   """forward() writing into the donated buffers out (like q) and lse (b, H, sq) fp32."""
-  kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
-                             head_dim=q.shape[-1])
-  return tuple(_dispatch(
-      lambda q, k, v, alibi, out, lse, interpret: kernel(q, k, v, alibi, interpret=interpret,
-                                                         into=(out, lse)),
-      q, k, v, alibi, out, lse))
+  return _run_forward(q, k, v, alibi, sink, spec, cfgs, into=(out, lse))
 
 
 @functools.partial(jax.jit, static_argnums=(11, 12), donate_argnums=(8, 9, 10))
 def backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, spec: AttentionSpec,
-                  cfgs: tiles.KernelConfigs | None = None):
-  """backward() writing into the donated buffers dq, dk, dv (like q, k, v)."""
-  if dlse is None:
-    dlse = jnp.zeros(lse.shape, jnp.float32)
-  kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
-                             head_dim=q.shape[-1])
-  return tuple(_dispatch(
-      lambda q, k, v, out, lse, dout, dlse, alibi, dq, dk, dv, interpret: kernel(
-          q, k, v, out, lse, dout, dlse, alibi, interpret=interpret, into=(dq, dk, dv)),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, dq, dk, dv))
+                  cfgs: tiles.KernelConfigs | None = None, sink=None):
+  """backward() writing dq, dk, dv into the donated buffers (like q, k, v)."""
+  return _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs, into=(dq, dk, dv))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None):
-  """Differentiable (out, lse); gradients flow to q, k, v (ALiBi slopes get none)."""
-  return forward(q, k, v, alibi, spec, cfgs)
+def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None):
+  """Differentiable (out, lse); gradients flow to q, k, v and sink (ALiBi slopes get none)."""
+  return forward(q, k, v, alibi, spec, cfgs, sink)
 
 
-def _attention_fwd(q, k, v, alibi, spec, cfgs):
-  out, lse = forward(q, k, v, alibi, spec, cfgs)
-  return (out, lse), (q, k, v, alibi, out, lse)
+def _attention_fwd(q, k, v, alibi, spec, cfgs, sink=None):
+  out, lse = forward(q, k, v, alibi, spec, cfgs, sink)
+  return (out, lse), (q, k, v, alibi, sink, out, lse)
 
 
 def _attention_bwd(spec, cfgs, res, cts):
-  q, k, v, alibi, out, lse = res
+  q, k, v, alibi, sink, out, lse = res
   dout, dlse = cts
-  dq, dk, dv = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs)
-  return dq, dk, dv, None if alibi is None else jnp.zeros_like(alibi)
+  grads = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs, sink)
+  dalibi = None if alibi is None else jnp.zeros_like(alibi)
+  dsink = None if sink is None else grads[3]
+  return grads[0], grads[1], grads[2], dalibi, dsink
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -21,8 +21,12 @@ def band_mask(mask: BandMask):
 
 
 def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, upcast=True):
-  """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out (b, sq, H, d), lse (b, H, sq) fp32."""
+                        softcap=0.0, alibi_slopes=None, upcast=True, sink=None, sink_layout="sh"):
+  """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out (b, sq, H, d), lse (b, H, sq) fp32.
+
+  sink: fp32 logits (s_sink, H) ("sh") or (b, sq, s_sink, H) ("ssh"); each is an extra key with a raw
+  logit (unscaled, uncapped, never masked) and a zero value: it enters lse but not the output.
+  """
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
   dtype = q.dtype
@@ -42,6 +46,11 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
   visible = band_mask(mask)
   t = jnp.where(visible, t, -jnp.inf)
   lse = jax.nn.logsumexp(t, axis=-1)
+  if sink is not None:
+    z = jnp.asarray(sink, jnp.float32)
+    z = (jnp.broadcast_to(z.T[None, :, None, :], (b, h, sq, z.shape[0])) if sink_layout == "sh"
+         else jnp.transpose(z, (0, 3, 1, 2)))  # [b, H, sq, s_sink]
+    lse = jnp.logaddexp(lse, jax.nn.logsumexp(z, axis=-1))
   empty = jnp.isneginf(lse)
   p = jnp.where(empty[..., None], 0.0, jnp.exp(t - jnp.where(empty, 0.0, lse)[..., None]))
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=precision)

@@ -20,6 +20,7 @@ class AttentionSpec:
   scale: float
   softcap: float = 0.0
   alibi: bool = False
+  sink: str | None = None  # "sh": logits (s_sink, H) shared by all rows; "ssh": per query row
 
   @property
   def sq(self) -> int:

@@ -96,19 +96,41 @@ def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=Fals
 
 
 def _split_refs(refs, spec: AttentionSpec, n_out: int):
-  """(alibi_ref or None, tile-table refs or None, output refs) from a kernel's trailing refs.
+  """(alibi_ref, sink_ref, tile-table refs, output refs) from a kernel's trailing refs (None if unused).
 
-  Order of the optional inputs: ALiBi slopes, then the four tile tables; aliased output buffers
-  sit between them and the outputs and are never read.
+  Order of the optional inputs: ALiBi slopes, sink logits, then the four tile tables; aliased output
+  buffers sit between them and the outputs and are never read.
   """
   pos = 0
-  alibi = None
+  alibi = sink = tables = None
   if spec.alibi:
-    alibi, pos = refs[0], 1
-  tables = None
+    alibi, pos = refs[pos], pos + 1
+  if spec.sink:
+    sink, pos = refs[pos], pos + 1
   if spec.mask.tabled:
     tables, pos = tuple(refs[pos:pos + 4]), pos + 4
-  return alibi, tables, refs[-n_out:]
+  return alibi, sink, tables, refs[-n_out:]
+
+
+def _sink_logits2(sink_ref, row_ok, n_sink: int):
+  """Sink logits in the exp2 domain: [s_pad] ("sh") or [bq, s_pad] ("ssh"), padding at -inf.
+
+  The ref's last dim is already the padded block (s_pad); n_sink is the true count.
+  """
+  s_pad = sink_ref.shape[-1]
+  col_ok = jnp.arange(s_pad) < n_sink
+  if len(sink_ref.shape) == 1:
+    return _compat.load(sink_ref.at[pl.ds(0, s_pad)], mask=col_ok, other=-_INF) * LOG2E
+  return _compat.load(sink_ref.at[:, pl.ds(0, s_pad)], mask=row_ok[:, None] & col_ok[None, :],
+                      other=-_INF) * LOG2E
+
+
+def _sink_seed(z2, rows: int):
+  """Running max and sum that start from the sink logits, as if they were already-seen keys."""
+  m0 = jnp.max(z2, axis=-1)
+  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # rows past sq in the per-row layout
+  l0 = jnp.sum(jnp.exp2(z2 - m0[..., None] if z2.ndim == 2 else z2 - m0), axis=-1)
+  return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
 
 
 def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False):
@@ -156,8 +178,8 @@ def _load_slope(alibi_ref, idx=None):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
-                n_q_tiles: int, reverse: bool):
-  alibi_ref, tables, (o_ref, lse_ref) = _split_refs(refs, spec, 2)
+                n_q_tiles: int, reverse: bool, n_sink: int = 0):
+  alibi_ref, sink_ref, tables, (o_ref, lse_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = q_ref.shape[-1]
@@ -191,8 +213,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_i
 
-  carry = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), -_INF, jnp.float32),
-           jnp.zeros((bq,), jnp.float32))
+  if sink_ref is None:
+    m0, l0 = jnp.full((bq,), -_INF, jnp.float32), jnp.zeros((bq,), jnp.float32)
+  else:
+    m0, l0 = _sink_seed(_sink_logits2(sink_ref, row_ok, n_sink), bq)
+  carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
   acc, m_i, l_i = _visit(mask, tables, q_tile, bq, bk, body, carry)
 
   empty = l_i == 0.0
@@ -202,7 +227,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   _store(lse_ref, lse, row_ok)
 
 
-def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
+def _sink_spec(spec: AttentionSpec, sink, block_q: int, n_q: int, reverse: bool):
+  """sink is (H, s_sink) for "sh" and (b, H, sq, s_sink) for "ssh", fp32 natural-log logits."""
+  s_pad = _compat.next_power_of_2(sink.shape[-1])
+  if spec.sink == "sh":
+    return pl.BlockSpec((None, s_pad), lambda i, j, hh: (hh, 0))
+  tile = (lambda i: n_q - 1 - i) if reverse else (lambda i: i)
+  return pl.BlockSpec((None, None, block_q, s_pad), lambda i, j, hh: (j, hh, tile(i), 0))
+
+
+def forward(q, k, v, alibi, sink=None, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
             interpret: bool, into=None):
   """out like q and lse (b, H, sq) fp32 (natural log; +inf on empty rows).
 
@@ -217,7 +251,7 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   n_q = pl.cdiv(sq, cfg.block_q)
   reverse = _causal_like(spec.mask)
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                             reverse=reverse)
+                             reverse=reverse, n_sink=0 if sink is None else sink.shape[-1])
   in_specs = [
       pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
       pl.BlockSpec((None, spec.sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0)),
@@ -227,6 +261,9 @@ def forward(q, k, v, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs, head_di
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  if spec.sink:
+    in_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
+    args.append(sink)
   table_specs, tables = _table_inputs(spec, cfg)
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [
@@ -278,8 +315,9 @@ def _lse_tile_index(n_q, reverse):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
-               cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool):
-  alibi_ref, tables, (dq_ref, delta_ref) = _split_refs(refs, spec, 2)
+               cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, n_sink: int = 0):
+  alibi_ref, sink_ref, tables, outs = _split_refs(refs, spec, 3 if spec.sink else 2)
+  dq_ref, delta_ref = outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = q_ref.shape[-1]
@@ -316,11 +354,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
   dq = _visit(mask, tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
   _store(dq_ref, dq.astype(dq_ref.dtype), tile_mask)
   _store(delta_ref, delta, row_ok)
+  if sink_ref is not None:
+    # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
+    z2 = _sink_logits2(sink_ref, row_ok, n_sink)
+    z2 = z2[None, :] if z2.ndim == 1 else z2
+    contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
+    dsink_ref = outs[2]
+    s_pad = z2.shape[-1]
+    col_ok = jnp.arange(s_pad) < n_sink
+    if spec.sink == "sh":
+      _compat.store(dsink_ref.at[pl.ds(0, s_pad)], jnp.sum(contrib, axis=0), mask=col_ok)
+    else:
+      _compat.store(dsink_ref.at[:, pl.ds(0, s_pad)], contrib, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int):
-  alibi_ref, tables, (dk_ref, dv_ref) = _split_refs(refs, spec, 2)
+  alibi_ref, _, tables, (dk_ref, dv_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   mask = spec.mask
   dp = k_ref.shape[-1]
@@ -369,9 +419,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   _store(dv_ref, dv.astype(dv_ref.dtype), tile_mask)
 
 
-def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs: KernelConfigs,
-             head_dim: int, interpret: bool, into=None):
-  """dq, dk, dv in the input dtypes; into: optional (dq, dk, dv) buffers to write them into."""
+def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, *, spec: AttentionSpec,
+             cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
+  """dq, dk, dv in the input dtypes, and dsink (fp32, the layout of `sink`) when there are sinks.
+
+  into: optional (dq, dk, dv) buffers to write the gradients into.
+  """
   b, sq, h, d = q.shape
   dp = _compat.next_power_of_2(max(d, 16))
   sk, hk = k.shape[1], k.shape[2]
@@ -388,21 +441,33 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
   if spec.alibi:
     in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
     args.append(alibi)
+  out_specs = [q_tile, q_rows]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)]
+  if spec.sink:
+    in_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
+    args.append(sink)
+    s_pad = _compat.next_power_of_2(sink.shape[-1])
+    if spec.sink == "sh":
+      # One partial sum per (query tile, batch, head); summed below, in a fixed order.
+      out_specs.append(pl.BlockSpec((None, None, None, s_pad), lambda i, j, hh: (i, j, hh, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((n_q, b, h, sink.shape[-1]), jnp.float32))
+    else:
+      out_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
+      out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
   table_specs, tables = _table_inputs(spec, cfg)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
     dq_into = (into[0], jnp.empty((b, h, sq), jnp.float32))
-  in_specs, args, aliases = _alias_into(in_specs, args, [q_tile, q_rows], dq_into)
-  dq, delta = pl.pallas_call(
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
+  dq, delta, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                        reverse=reverse),
+                        reverse=reverse, n_sink=0 if sink is None else sink.shape[-1]),
       grid=(n_q, b, h),
       in_specs=in_specs,
-      out_specs=[q_tile, q_rows],
+      out_specs=out_specs,
       input_output_aliases=aliases,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="pallas_attn_bwd_dq",
@@ -433,4 +498,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, *, spec: AttentionSpec, cfgs:
       interpret=interpret,
       name="pallas_attn_bwd_dkv",
   )(*args)
-  return dq, dk, dv
+  if not spec.sink:
+    return dq, dk, dv
+  dsink = dsink[0]
+  return dq, dk, dv, jnp.sum(dsink, axis=(0, 1)) if spec.sink == "sh" else dsink
