@@ -59,11 +59,10 @@ class BandMask:
 
   def kv_tiles(self, q_tile, block_q: int, block_k: int):
     """(lo, full_lo, full_hi, hi): visit key tiles [lo, hi); [full_lo, full_hi) need no element test."""
-    n_k = -(-self.sk // block_k)
     r0 = q_tile * block_q + self.off
     r1 = jnp.minimum(q_tile * block_q + block_q, self.sq) - 1 + self.off
-    lo, hi = jnp.int32(0), jnp.int32(n_k)
-    full_lo, full_hi = jnp.int32(0), jnp.int32(self.sk // block_k)
+    lo, hi = jnp.int32(0), _ceil_div(self.sk, block_k)
+    full_lo, full_hi = jnp.int32(0), _floor_div(self.sk, block_k)
     if self.right is not None:
       hi = jnp.minimum(hi, _ceil_div(r1 + self.right + 1, block_k))
       full_hi = jnp.minimum(full_hi, _floor_div(r0 + self.right + 1, block_k))
@@ -78,11 +77,10 @@ class BandMask:
     Key rows past sk are never stored, so they need no element test here; query tiles that run past
     sq are boundary tiles (their loads are masked).
     """
-    n_q = -(-self.sq // block_q)
     c0 = kv_tile * block_k - self.off
     c1 = kv_tile * block_k + block_k - 1 - self.off
-    lo, hi = jnp.int32(0), jnp.int32(n_q)
-    full_lo, full_hi = jnp.int32(0), jnp.int32(self.sq // block_q)
+    lo, hi = jnp.int32(0), _ceil_div(self.sq, block_q)
+    full_lo, full_hi = jnp.int32(0), _floor_div(self.sq, block_q)
     if self.right is not None:
       lo = _floor_div(c0 - self.right, block_q)
       full_lo = _ceil_div(c1 - self.right, block_q)

@@ -21,6 +21,9 @@ class AttentionSpec:
   softcap: float = 0.0
   alibi: bool = False
   sink: str | None = None  # "sh": logits (s_sink, H) shared by all rows; "ssh": per query row
+  # Packed sequences addressed by cu_seqlens; mask.sq / mask.sk are then the (bucketed) maximum
+  # lengths that size the grid, and each sequence gets the same band with its own lengths.
+  varlen: bool = False
 
   @property
   def sq(self) -> int:

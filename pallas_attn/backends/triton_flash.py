@@ -1,19 +1,23 @@
 """The flash-attention kernel family as Triton-lowered Pallas calls (interpret mode off the GPU).
 
-Layout is flash-attn's: q (b, sq, H, dp), k/v (b, sk, Hk, dp) with dp the head dim padded to a power of
-two (the padding is masked on load, never materialized). Three kernels:
+Layouts are flash-attn's. Batched: q (b, sq, H, d), k/v (b, sk, Hk, d), lse (b, H, sq). Varlen
+(spec.varlen): q (total_q, H, d), k/v (total_k, Hk, d), lse (H, total_q), with int32 cu_seqlens_q/k
+(b + 1,) giving each sequence's rows. Every kernel sees whole sequences through its refs and addresses
+tiles by offset, so both layouts run the same code; the head dim is padded to a power of two on load
+(masked, never materialized). Three kernels:
 
-- forward: one program per (query tile, batch, head); online softmax in the exp2 domain over the key
-  tiles the mask lets it see, boundary tiles with the element test, interior tiles without it.
-- dQ: one program per (query tile, batch, head); also computes delta = rowsum(dO * O) - dlse for its
-  rows and writes it for the dK/dV pass, so no separate preprocess launch is needed.
-- dK/dV: one program per (key tile, batch, kv head); loops over the G query heads of its group and the
-  query tiles that can see it, so GQA gradients are summed in registers without atomics (deterministic).
+- forward: one program per (query tile, sequence, head); online softmax in the exp2 domain over the
+  key tiles the mask lets it see, boundary tiles with the element test, interior tiles without it.
+- dQ: one program per (query tile, sequence, head); also computes delta = rowsum(dO * O) - dlse for its
+  rows and writes it for the dK/dV pass (no separate preprocess launch), and dsink with sinks.
+- dK/dV: one program per (key tile, sequence, kv head); loops over the G query heads of its group and
+  the query tiles that can see it, so GQA gradients are summed in registers without atomics.
 
 The variant options (AttentionSpec) are static: each kernel compiles only the score terms it uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,8 +46,9 @@ class _Scores:
   plus ALiBi's -slope * |i + off - j|. Masking is applied by the caller.
   """
 
-  def __init__(self, spec: AttentionSpec, slope):
+  def __init__(self, spec: AttentionSpec, mask, slope):
     self.spec = spec
+    self.mask = mask  # the sequence's own mask (its lengths may be traced)
     self.slope = slope  # scalar fp32 or None
 
   def logits(self, raw, rows, cols, transposed: bool = False):
@@ -56,7 +61,7 @@ class _Scores:
       th = None
       s = raw * (spec.scale * LOG2E)
     if spec.alibi:
-      i = (rows[None, :] if transposed else rows[:, None]) + spec.mask.off
+      i = (rows[None, :] if transposed else rows[:, None]) + self.mask.off
       j = cols[:, None] if transposed else cols[None, :]
       dist = jnp.abs(i - j).astype(jnp.float32)
       s = s - (self.slope * LOG2E) * dist
@@ -95,54 +100,6 @@ def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=Fals
   return _tile_loops(bounds, body, carry)
 
 
-def _split_refs(refs, spec: AttentionSpec, n_out: int):
-  """(alibi_ref, sink_ref, tile-table refs, output refs) from a kernel's trailing refs (None if unused).
-
-  Order of the optional inputs: ALiBi slopes, sink logits, then the four tile tables; aliased output
-  buffers sit between them and the outputs and are never read.
-  """
-  pos = 0
-  alibi = sink = tables = None
-  if spec.alibi:
-    alibi, pos = refs[pos], pos + 1
-  if spec.sink:
-    sink, pos = refs[pos], pos + 1
-  if spec.mask.tabled:
-    tables, pos = tuple(refs[pos:pos + 4]), pos + 4
-  return alibi, sink, tables, refs[-n_out:]
-
-
-def _sink_logits2(sink_ref, row_ok, n_sink: int):
-  """Sink logits in the exp2 domain: [s_pad] ("sh") or [bq, s_pad] ("ssh"), padding at -inf.
-
-  The ref's last dim is already the padded block (s_pad); n_sink is the true count.
-  """
-  s_pad = sink_ref.shape[-1]
-  col_ok = jnp.arange(s_pad) < n_sink
-  if len(sink_ref.shape) == 1:
-    return _compat.load(sink_ref.at[pl.ds(0, s_pad)], mask=col_ok, other=-_INF) * LOG2E
-  return _compat.load(sink_ref.at[:, pl.ds(0, s_pad)], mask=row_ok[:, None] & col_ok[None, :],
-                      other=-_INF) * LOG2E
-
-
-def _sink_seed(z2, rows: int):
-  """Running max and sum that start from the sink logits, as if they were already-seen keys."""
-  m0 = jnp.max(z2, axis=-1)
-  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # rows past sq in the per-row layout
-  l0 = jnp.sum(jnp.exp2(z2 - m0[..., None] if z2.ndim == 2 else z2 - m0), axis=-1)
-  return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
-
-
-def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False):
-  """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel)."""
-  if not spec.mask.tabled:
-    return [], []
-  arrays = [jnp.asarray(a) for a in
-            masking.tile_tables(spec.mask, cfg.block_q, cfg.block_k, transposed).arrays()]
-  specs = [pl.BlockSpec(a.shape, (lambda nd: lambda *_: (0,) * nd)(a.ndim)) for a in arrays]
-  return specs, arrays
-
-
 def _and(*masks):
   """Conjunction of optional masks; None (everything in bounds) lets Triton emit unmasked loads."""
   masks = [m for m in masks if m is not None]
@@ -173,116 +130,93 @@ def _load_slope(alibi_ref, idx=None):
   return jnp.sum(vec)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Forward
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+  """A kernel's optional inputs, split from its trailing refs (None where unused)."""
+  seqlens: tuple | None
+  alibi: object
+  sink: object
+  tables: tuple | None
+  outs: tuple
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
-                n_q_tiles: int, reverse: bool, n_sink: int = 0):
-  alibi_ref, sink_ref, tables, (o_ref, lse_ref) = _split_refs(refs, spec, 2)
-  bq, bk = cfg.block_q, cfg.block_k
-  mask = spec.mask
-  dp = q_ref.shape[-1]
+def _split_refs(refs, spec: AttentionSpec, n_out: int) -> _Refs:
+  """Order of the optional inputs: cu_seqlens q and k, ALiBi slopes, sink logits, the four tile
+  tables; aliased output buffers sit between them and the outputs and are never read."""
+  pos = 0
 
-  pid = pl.program_id(0)
-  # Causal tiles near the bottom do the most work; launching them first evens out the tail.
-  q_tile = (n_q_tiles - 1 - pid) if reverse else pid
-  rows = q_tile * bq + jnp.arange(bq)
-  row_ok = rows < mask.sq
-  head_ok = _head_mask(dp, head_dim)
-  tile_mask = _and(row_ok[:, None], head_ok)
-  q = _load(q_ref, tile_mask, 0.0)
-  scores = _Scores(spec, _load_slope(alibi_ref))
+  def take(n):
+    nonlocal pos
+    pos += n
+    return tuple(refs[pos - n:pos])
 
-  def body(kv_tile, carry, masked):
-    acc, m_i, l_i = carry
-    start = kv_tile * bk
-    cols = start + jnp.arange(bk)
-    kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-    k = _load(k_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
-    s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
-    if masked:
-      s = jnp.where(mask.visible(rows, cols), s, -_INF)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-    # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
-    m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
-    alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + jnp.sum(p, axis=1)
-    v = _load(v_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l_i
-
-  if sink_ref is None:
-    m0, l0 = jnp.full((bq,), -_INF, jnp.float32), jnp.zeros((bq,), jnp.float32)
-  else:
-    m0, l0 = _sink_seed(_sink_logits2(sink_ref, row_ok, n_sink), bq)
-  carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
-  acc, m_i, l_i = _visit(mask, tables, q_tile, bq, bk, body, carry)
-
-  empty = l_i == 0.0
-  out = acc / jnp.where(empty, 1.0, l_i)[:, None]
-  lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-  _store(o_ref, out.astype(o_ref.dtype), tile_mask)
-  _store(lse_ref, lse, row_ok)
+  seqlens = take(2) if spec.varlen else None
+  alibi = take(1)[0] if spec.alibi else None
+  sink = take(1)[0] if spec.sink else None
+  tables = take(4) if spec.mask.tabled else None
+  return _Refs(seqlens, alibi, sink, tables, tuple(refs[-n_out:]))
 
 
-def _sink_spec(spec: AttentionSpec, sink, block_q: int, n_q: int, reverse: bool):
-  """sink is (H, s_sink) for "sh" and (b, H, sq, s_sink) for "ssh", fp32 natural-log logits."""
-  s_pad = _compat.next_power_of_2(sink.shape[-1])
-  if spec.sink == "sh":
-    return pl.BlockSpec((None, s_pad), lambda i, j, hh: (hh, 0))
-  tile = (lambda i: n_q - 1 - i) if reverse else (lambda i: i)
-  return pl.BlockSpec((None, None, block_q, s_pad), lambda i, j, hh: (j, hh, tile(i), 0))
+@dataclasses.dataclass(frozen=True)
+class _Seq:
+  """Where one sequence's rows live (q0, k0) and its mask with its own lengths."""
+  q0: object
+  k0: object
+  mask: object
 
 
-def forward(q, k, v, alibi, sink=None, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int,
-            interpret: bool, into=None):
-  """out like q and lse (b, H, sq) fp32 (natural log; +inf on empty rows).
+def _sequence(spec: AttentionSpec, seqlens, index) -> _Seq:
+  if seqlens is None:
+    return _Seq(0, 0, spec.mask)
+  cu_q, cu_k = seqlens
+  q0, k0 = cu_q[index], cu_k[index]
+  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=cu_k[index + 1] - k0)
+  return _Seq(q0, k0, mask)
 
-  into: optional (out, lse) buffers the results are written into (aliased, so a caller that donates
-  them, like the torch bridge, gets its own memory back).
+
+def _when_active(active, run, idle=None):
+  """Runs `run` only for programs whose tile lies inside their sequence (varlen grids are sized
+  for the longest sequence); `idle` writes what an inactive program still owes (zeros)."""
+  if isinstance(active, bool):
+    run()
+    return
+  pl.when(active)(run)
+  if idle is not None:
+    pl.when(jnp.logical_not(active))(idle)
+
+
+def _sink_logits2(sink_ref, rows_at, row_ok, n_sink: int, per_row: bool):
+  """Sink logits in the exp2 domain: [s_pad] ("sh") or [bq, s_pad] ("ssh"), padding at -inf.
+
+  The ref's last dim is already the padded block (s_pad); n_sink is the true count.
   """
-  b, sq, h, d = q.shape
-  dp = _compat.next_power_of_2(max(d, 16))
-  hk = k.shape[2]
-  group = h // hk
-  cfg = cfgs.fwd
-  n_q = pl.cdiv(sq, cfg.block_q)
-  reverse = _causal_like(spec.mask)
-  kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                             reverse=reverse, n_sink=0 if sink is None else sink.shape[-1])
-  in_specs = [
-      pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
-      pl.BlockSpec((None, spec.sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0)),
-      pl.BlockSpec((None, spec.sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0)),
-  ]
-  args = [q, k, v]
-  if spec.alibi:
-    in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
-    args.append(alibi)
-  if spec.sink:
-    in_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
-    args.append(sink)
-  table_specs, tables = _table_inputs(spec, cfg)
-  in_specs, args = in_specs + table_specs, args + tables
-  out_specs = [
-      pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse)),
-      pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse)),
-  ]
-  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, into)
-  return pl.pallas_call(
-      kernel,
-      grid=(n_q, b, h),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      input_output_aliases=aliases,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
-      compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
-      interpret=interpret,
-      name="pallas_attn_fwd",
-  )(*args)
+  s_pad = sink_ref.shape[-1]
+  col_ok = jnp.arange(s_pad) < n_sink
+  if not per_row:
+    return _compat.load(sink_ref.at[pl.ds(0, s_pad)], mask=col_ok, other=-_INF) * LOG2E
+  return _compat.load(sink_ref.at[rows_at, pl.ds(0, s_pad)], mask=row_ok[:, None] & col_ok[None, :],
+                      other=-_INF) * LOG2E
+
+
+def _sink_seed(z2, rows: int):
+  """Running max and sum that start from the sink logits, as if they were already-seen keys."""
+  m0 = jnp.max(z2, axis=-1)
+  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # rows past the sequence in the per-row layout
+  l0 = jnp.sum(jnp.exp2(z2 - m0[..., None] if z2.ndim == 2 else z2 - m0), axis=-1)
+  return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
+
+
+def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False):
+  """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel)."""
+  if not spec.mask.tabled:
+    return [], []
+  arrays = [jnp.asarray(a) for a in
+            masking.tile_tables(spec.mask, cfg.block_q, cfg.block_k, transposed).arrays()]
+  return [_whole(a) for a in arrays], arrays
+
+
+def _whole(a):
+  return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
 def _causal_like(mask) -> bool:
@@ -298,16 +232,155 @@ def _alias_into(in_specs, args, out_specs, into):
   return in_specs + list(out_specs), args + list(into), aliases
 
 
-def _q_tile_index(n_q, reverse):
-  if reverse:
-    return lambda i, j, hh: (j, n_q - 1 - i, hh, 0)
-  return lambda i, j, hh: (j, i, hh, 0)
+class _Blocks:
+  """BlockSpecs that hand each program whole sequences of one (sequence, head), for either layout.
+
+  Grid axes are (tile, sequence, head); `head` is a query head for the forward and dQ passes and a
+  kv head for dK/dV, where `group` query heads come as one block.
+  """
+
+  def __init__(self, spec: AttentionSpec, dp: int, group: int):
+    self.varlen, self.dp, self.group = spec.varlen, dp, group
+
+  def heads(self, x, head_of=lambda hh: hh, width=None):
+    """q-, k- or v-shaped array: (seq rows, [width heads,] dp) for head head_of(hh)."""
+    if self.varlen:
+      return pl.BlockSpec((x.shape[0], width, self.dp), lambda i, j, hh: (0, head_of(hh), 0))
+    return pl.BlockSpec((None, x.shape[1], width, self.dp), lambda i, j, hh: (j, 0, head_of(hh), 0))
+
+  def rows(self, x, width=None):
+    """lse-shaped array ((b, H, sq) or (H, total_q)): the rows of one head (or `width` heads)."""
+    if self.varlen:
+      return pl.BlockSpec((width, x.shape[-1]), lambda i, j, hh: (hh, 0))
+    return pl.BlockSpec((None, width, x.shape[-1]), lambda i, j, hh: (j, hh, 0))
+
+  def sink(self, spec: AttentionSpec, sink):
+    """"sh": (H, s_sink); "ssh": (b, H, sq, s_sink) or varlen (H, total_q, s_sink)."""
+    s_pad = _compat.next_power_of_2(sink.shape[-1])
+    if spec.sink == "sh":
+      return pl.BlockSpec((None, s_pad), lambda i, j, hh: (hh, 0))
+    if self.varlen:
+      return pl.BlockSpec((None, sink.shape[1], s_pad), lambda i, j, hh: (hh, 0, 0))
+    return pl.BlockSpec((None, None, sink.shape[2], s_pad), lambda i, j, hh: (j, hh, 0, 0))
+
+  def alibi(self, width=None):
+    return pl.BlockSpec((None, width, 1), lambda i, j, hh: (j, hh, 0))
 
 
-def _lse_tile_index(n_q, reverse):
-  if reverse:
-    return lambda i, j, hh: (j, hh, n_q - 1 - i)
-  return lambda i, j, hh: (j, hh, i)
+def _grid_dims(spec: AttentionSpec, q, seqlens):
+  """(number of sequences, rows per sequence upper bound for the grid) for either layout."""
+  if spec.varlen:
+    return seqlens[0].shape[0] - 1
+  return q.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
+                n_q_tiles: int, reverse: bool, n_sink: int = 0):
+  opt = _split_refs(refs, spec, 2)
+  o_ref, lse_ref = opt.outs
+  bq, bk = cfg.block_q, cfg.block_k
+  dp = q_ref.shape[-1]
+  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  mask = seq.mask
+
+  pid = pl.program_id(0)
+  # Causal tiles near the bottom do the most work; launching them first evens out the tail.
+  q_tile = (n_q_tiles - 1 - pid) if reverse else pid
+
+  def run():
+    rows = q_tile * bq + jnp.arange(bq)
+    rows_at = pl.ds(seq.q0 + q_tile * bq, bq)
+    row_ok = rows < mask.sq
+    head_ok = _head_mask(dp, head_dim)
+    tile_mask = _and(row_ok[:, None], head_ok)
+    q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
+    scores = _Scores(spec, mask, _load_slope(opt.alibi))
+
+    def body(kv_tile, carry, masked):
+      acc, m_i, l_i = carry
+      start = kv_tile * bk
+      cols = start + jnp.arange(bk)
+      kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
+      k = _load(k_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
+      if masked:
+        s = jnp.where(mask.visible(rows, cols), s, -_INF)
+      m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+      # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
+      m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m_i - m_use)
+      p = jnp.exp2(s - m_use[:, None])
+      l_i = l_i * alpha + jnp.sum(p, axis=1)
+      v = _load(v_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+      return acc, m_new, l_i
+
+    if opt.sink is None:
+      m0, l0 = jnp.full((bq,), -_INF, jnp.float32), jnp.zeros((bq,), jnp.float32)
+    else:
+      m0, l0 = _sink_seed(_sink_logits2(opt.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
+    carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
+    acc, m_i, l_i = _visit(mask, opt.tables, q_tile, bq, bk, body, carry)
+
+    empty = l_i == 0.0
+    out = acc / jnp.where(empty, 1.0, l_i)[:, None]
+    lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
+    _store(o_ref.at[rows_at, :], out.astype(o_ref.dtype), tile_mask)
+    _store(lse_ref.at[rows_at], lse, row_ok)
+
+  _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
+
+
+def forward(q, k, v, alibi, sink=None, seqlens=None, *, spec: AttentionSpec, cfgs: KernelConfigs,
+            head_dim: int, interpret: bool, into=None):
+  """out like q and lse fp32 (natural log; +inf on empty rows), batched or varlen layout.
+
+  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen. into: optional (out, lse) buffers
+  the results are written into (aliased, so a caller that donates them gets its own memory back).
+  """
+  d = q.shape[-1]
+  dp = _compat.next_power_of_2(max(d, 16))
+  h, hk = q.shape[-2], k.shape[-2]
+  group = h // hk
+  cfg = cfgs.fwd
+  n_q = pl.cdiv(spec.sq, cfg.block_q)
+  reverse = _causal_like(spec.mask)
+  blocks = _Blocks(spec, dp, group)
+  lse_shape = (h, q.shape[0]) if spec.varlen else (q.shape[0], h, q.shape[1])
+  kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
+                             reverse=reverse, n_sink=0 if sink is None else sink.shape[-1])
+  in_specs = [blocks.heads(q), blocks.heads(k, lambda hh: hh // group),
+              blocks.heads(v, lambda hh: hh // group)]
+  args = [q, k, v]
+  if spec.varlen:
+    in_specs += [_whole(s) for s in seqlens]
+    args += list(seqlens)
+  if spec.alibi:
+    in_specs.append(blocks.alibi())
+    args.append(alibi)
+  if spec.sink:
+    in_specs.append(blocks.sink(spec, sink))
+    args.append(sink)
+  table_specs, tables = _table_inputs(spec, cfg)
+  in_specs, args = in_specs + table_specs, args + tables
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
+  out_specs = [blocks.heads(q), blocks.rows(out_shape[1])]
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, into)
+  return pl.pallas_call(
+      kernel,
+      grid=(n_q, _grid_dims(spec, q, seqlens), h),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      input_output_aliases=aliases,
+      out_shape=out_shape,
+      compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name="pallas_attn_fwd",
+  )(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,154 +389,177 @@ def _lse_tile_index(n_q, reverse):
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
                cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, n_sink: int = 0):
-  alibi_ref, sink_ref, tables, outs = _split_refs(refs, spec, 3 if spec.sink else 2)
-  dq_ref, delta_ref = outs[:2]
+  opt = _split_refs(refs, spec, 3 if spec.sink else 2)
+  dq_ref, delta_ref = opt.outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
-  mask = spec.mask
   dp = q_ref.shape[-1]
+  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  mask = seq.mask
 
   pid = pl.program_id(0)
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
-  rows = q_tile * bq + jnp.arange(bq)
-  row_ok = rows < mask.sq
-  head_ok = _head_mask(dp, head_dim)
-  tile_mask = _and(row_ok[:, None], head_ok)
-  q = _load(q_ref, tile_mask, 0.0)
-  do = _load(do_ref, tile_mask, 0.0)
-  o = _load(o_ref, tile_mask, 0.0)
-  # d lse / d t = P, so an incoming lse cotangent folds into delta.
-  delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
-           - _compat.load(dlse_ref, mask=row_ok, other=0.0))
-  lse2 = _compat.load(lse_ref, mask=row_ok, other=_INF) * LOG2E
-  scores = _Scores(spec, _load_slope(alibi_ref))
+  per_row_sink = spec.sink == "ssh"
 
-  def body(kv_tile, dq, masked):
-    start = kv_tile * bk
-    cols = start + jnp.arange(bk)
-    kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-    k = _load(k_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
-    v = _load(v_ref.at[pl.ds(start, bk), :], kv_mask, 0.0)
-    s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)
-    p = jnp.exp2(s - lse2[:, None])
-    if masked:
-      p = jnp.where(mask.visible(rows, cols), p, 0.0)
-    dpv = _dot(do, v, trans_b=True)
-    ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
-    return dq + _dot(ds.astype(k.dtype), k)
+  def run():
+    rows = q_tile * bq + jnp.arange(bq)
+    rows_at = pl.ds(seq.q0 + q_tile * bq, bq)
+    row_ok = rows < mask.sq
+    head_ok = _head_mask(dp, head_dim)
+    tile_mask = _and(row_ok[:, None], head_ok)
+    q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
+    do = _load(do_ref.at[rows_at, :], tile_mask, 0.0)
+    o = _load(o_ref.at[rows_at, :], tile_mask, 0.0)
+    # d lse / d t = P, so an incoming lse cotangent folds into delta.
+    delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+             - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0))
+    lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
+    scores = _Scores(spec, mask, _load_slope(opt.alibi))
 
-  dq = _visit(mask, tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
-  _store(dq_ref, dq.astype(dq_ref.dtype), tile_mask)
-  _store(delta_ref, delta, row_ok)
-  if sink_ref is not None:
-    # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
-    z2 = _sink_logits2(sink_ref, row_ok, n_sink)
-    z2 = z2[None, :] if z2.ndim == 1 else z2
-    contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
-    dsink_ref = outs[2]
-    s_pad = z2.shape[-1]
-    col_ok = jnp.arange(s_pad) < n_sink
-    if spec.sink == "sh":
-      _compat.store(dsink_ref.at[pl.ds(0, s_pad)], jnp.sum(contrib, axis=0), mask=col_ok)
-    else:
-      _compat.store(dsink_ref.at[:, pl.ds(0, s_pad)], contrib, mask=row_ok[:, None] & col_ok[None, :])
+    def body(kv_tile, dq, masked):
+      start = kv_tile * bk
+      cols = start + jnp.arange(bk)
+      kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
+      k = _load(k_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      v = _load(v_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)
+      p = jnp.exp2(s - lse2[:, None])
+      if masked:
+        p = jnp.where(mask.visible(rows, cols), p, 0.0)
+      dpv = _dot(do, v, trans_b=True)
+      ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
+      return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
+    _store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), tile_mask)
+    _store(delta_ref.at[rows_at], delta, row_ok)
+    if opt.sink is not None:
+      # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
+      z2 = _sink_logits2(opt.sink, rows_at, row_ok, n_sink, per_row_sink)
+      z2 = z2 if per_row_sink else z2[None, :]
+      contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
+      col_ok = jnp.arange(z2.shape[-1]) < n_sink
+      if per_row_sink:
+        _compat.store(opt.outs[2].at[rows_at, pl.ds(0, z2.shape[-1])], contrib,
+                      mask=row_ok[:, None] & col_ok[None, :])
+      else:
+        _compat.store(opt.outs[2].at[pl.ds(0, z2.shape[-1])], jnp.sum(contrib, axis=0), mask=col_ok)
+
+  def idle():
+    # A skipped program still owns its slot of the per-tile dsink partial sums.
+    if opt.sink is not None and not per_row_sink:
+      s_pad = opt.outs[2].shape[-1]
+      _compat.store(opt.outs[2].at[pl.ds(0, s_pad)], jnp.zeros((s_pad,), jnp.float32),
+                    mask=jnp.arange(s_pad) < n_sink)
+
+  _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run, idle)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int):
-  alibi_ref, _, tables, (dk_ref, dv_ref) = _split_refs(refs, spec, 2)
+  opt = _split_refs(refs, spec, 2)
+  dk_ref, dv_ref = opt.outs
   bq, bk = cfg.block_q, cfg.block_k
-  mask = spec.mask
   dp = k_ref.shape[-1]
-
+  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  mask = seq.mask
   kv_tile = pl.program_id(0)
-  cols = kv_tile * bk + jnp.arange(bk)
-  col_ok = cols < mask.sk
-  head_ok = _head_mask(dp, head_dim)
-  tile_mask = _and(col_ok[:, None], head_ok)
-  k = _load(k_ref, tile_mask, 0.0)
-  v = _load(v_ref, tile_mask, 0.0)
 
-  # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
-  # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
-  def head(g, carry):
-    scores = _Scores(spec, _load_slope(alibi_ref, g))
+  def run():
+    cols = kv_tile * bk + jnp.arange(bk)
+    cols_at = pl.ds(seq.k0 + kv_tile * bk, bk)
+    col_ok = cols < mask.sk
+    head_ok = _head_mask(dp, head_dim)
+    tile_mask = _and(col_ok[:, None], head_ok)
+    k = _load(k_ref.at[cols_at, :], tile_mask, 0.0)
+    v = _load(v_ref.at[cols_at, :], tile_mask, 0.0)
 
-    def body(q_tile, carry, masked):
-      dk, dv = carry
-      start = q_tile * bq
-      rows = start + jnp.arange(bq)
-      row_ok = rows < mask.sq
-      q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
-      q = _load(q_ref.at[pl.ds(start, bq), g, :], q_mask, 0.0)
-      do = _load(do_ref.at[pl.ds(start, bq), g, :], q_mask, 0.0)
-      lse2 = _compat.load(lse_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=_INF) * LOG2E
-      delta = _compat.load(delta_ref.at[g, pl.ds(start, bq)], mask=row_ok, other=0.0)
-      s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)  # [bk, bq]
-      p_t = jnp.exp2(s_t - lse2[None, :])
-      if masked:
-        p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
-      dv = dv + _dot(p_t.astype(do.dtype), do)
-      dp_t = _dot(v, do, trans_b=True)
-      ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
-      dk = dk + _dot(ds_t.astype(q.dtype), q)
-      return dk, dv
+    # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
+    # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
+    def head(g, carry):
+      scores = _Scores(spec, mask, _load_slope(opt.alibi, g))
 
-    return _visit(mask, tables, kv_tile, bq, bk, body, carry, transposed=True)
+      def body(q_tile, carry, masked):
+        dk, dv = carry
+        start = q_tile * bq
+        rows = start + jnp.arange(bq)
+        rows_at = pl.ds(seq.q0 + start, bq)
+        row_ok = rows < mask.sq
+        q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
+        q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
+        do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
+        lse2 = _compat.load(lse_ref.at[g, rows_at], mask=row_ok, other=_INF) * LOG2E
+        delta = _compat.load(delta_ref.at[g, rows_at], mask=row_ok, other=0.0)
+        s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)  # [bk, bq]
+        p_t = jnp.exp2(s_t - lse2[None, :])
+        if masked:
+          p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        dp_t = _dot(v, do, trans_b=True)
+        ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        return dk, dv
 
-  zeros = jnp.zeros((bk, dp), jnp.float32)
-  if group == 1:
-    dk, dv = head(jnp.int32(0), (zeros, zeros))
-  else:
-    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-  _store(dk_ref, dk.astype(dk_ref.dtype), tile_mask)
-  _store(dv_ref, dv.astype(dv_ref.dtype), tile_mask)
+      return _visit(mask, opt.tables, kv_tile, bq, bk, body, carry, transposed=True)
+
+    zeros = jnp.zeros((bk, dp), jnp.float32)
+    if group == 1:
+      dk, dv = head(jnp.int32(0), (zeros, zeros))
+    else:
+      dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    _store(dk_ref.at[cols_at, :], dk.astype(dk_ref.dtype), tile_mask)
+    _store(dv_ref.at[cols_at, :], dv.astype(dv_ref.dtype), tile_mask)
+
+  _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
 
-def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, *, spec: AttentionSpec,
+def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, *, spec: AttentionSpec,
              cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
   """dq, dk, dv in the input dtypes, and dsink (fp32, the layout of `sink`) when there are sinks.
 
   into: optional (dq, dk, dv) buffers to write the gradients into.
   """
-  b, sq, h, d = q.shape
+  d = q.shape[-1]
   dp = _compat.next_power_of_2(max(d, 16))
-  sk, hk = k.shape[1], k.shape[2]
+  h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
   reverse = _causal_like(spec.mask)
+  n_seq = _grid_dims(spec, q, seqlens)
+  seq_specs = [_whole(s) for s in seqlens] if spec.varlen else []
+  seq_args = list(seqlens) if spec.varlen else []
 
   cfg = cfgs.bwd_dq
-  n_q = pl.cdiv(sq, cfg.block_q)
-  q_tile = pl.BlockSpec((None, cfg.block_q, None, dp), _q_tile_index(n_q, reverse))
-  q_rows = pl.BlockSpec((None, None, cfg.block_q), _lse_tile_index(n_q, reverse))
-  kv_full = pl.BlockSpec((None, sk, None, dp), lambda i, j, hh: (j, 0, hh // group, 0))
-  in_specs = [q_tile, kv_full, kv_full, q_tile, q_tile, q_rows, q_rows]
-  args = [q, k, v, out, dout, lse, dlse]
+  n_q = pl.cdiv(spec.sq, cfg.block_q)
+  blocks = _Blocks(spec, dp, group)
+  kv_of_head = lambda hh: hh // group
+  in_specs = [blocks.heads(q), blocks.heads(k, kv_of_head), blocks.heads(v, kv_of_head),
+              blocks.heads(out), blocks.heads(dout), blocks.rows(lse), blocks.rows(dlse)] + seq_specs
+  args = [q, k, v, out, dout, lse, dlse] + seq_args
   if spec.alibi:
-    in_specs.append(pl.BlockSpec((None, None, 1), lambda i, j, hh: (j, hh, 0)))
+    in_specs.append(blocks.alibi())
     args.append(alibi)
-  out_specs = [q_tile, q_rows]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)]
+  out_specs = [blocks.heads(q), blocks.rows(lse)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)]
   if spec.sink:
-    in_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
+    in_specs.append(blocks.sink(spec, sink))
     args.append(sink)
-    s_pad = _compat.next_power_of_2(sink.shape[-1])
     if spec.sink == "sh":
-      # One partial sum per (query tile, batch, head); summed below, in a fixed order.
+      # One partial sum per (query tile, sequence, head); summed below, in a fixed order.
+      s_pad = _compat.next_power_of_2(sink.shape[-1])
       out_specs.append(pl.BlockSpec((None, None, None, s_pad), lambda i, j, hh: (i, j, hh, 0)))
-      out_shape.append(jax.ShapeDtypeStruct((n_q, b, h, sink.shape[-1]), jnp.float32))
+      out_shape.append(jax.ShapeDtypeStruct((n_q, n_seq, h, sink.shape[-1]), jnp.float32))
     else:
-      out_specs.append(_sink_spec(spec, sink, cfg.block_q, n_q, reverse))
+      out_specs.append(blocks.sink(spec, sink))
       out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
   table_specs, tables = _table_inputs(spec, cfg)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
-    dq_into = (into[0], jnp.empty((b, h, sq), jnp.float32))
+    dq_into = (into[0], jnp.empty(lse.shape, jnp.float32))
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
   dq, delta, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
                         reverse=reverse, n_sink=0 if sink is None else sink.shape[-1]),
-      grid=(n_q, b, h),
+      grid=(n_q, n_seq, h),
       in_specs=in_specs,
       out_specs=out_specs,
       input_output_aliases=aliases,
@@ -474,24 +570,23 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, *, spec: Attention
   )(*args)
 
   cfg = cfgs.bwd_dkv
-  n_k = pl.cdiv(sk, cfg.block_k)
-  kv_tile = pl.BlockSpec((None, cfg.block_k, None, dp), lambda i, j, g: (j, i, g, 0))
-  q_group = pl.BlockSpec((None, sq, group, dp), lambda i, j, g: (j, 0, g, 0))
-  rows_group = pl.BlockSpec((None, group, sq), lambda i, j, g: (j, g, 0))
-  in_specs = [q_group, kv_tile, kv_tile, q_group, rows_group, rows_group]
-  args = [q, k, v, dout, lse, delta]
+  n_k = pl.cdiv(spec.sk, cfg.block_k)
+  in_specs = [blocks.heads(q, width=group), blocks.heads(k), blocks.heads(v),
+              blocks.heads(dout, width=group), blocks.rows(lse, width=group),
+              blocks.rows(delta, width=group)] + seq_specs
+  args = [q, k, v, dout, lse, delta] + seq_args
   if spec.alibi:
-    in_specs.append(pl.BlockSpec((None, group, 1), lambda i, j, g: (j, g, 0)))
+    in_specs.append(blocks.alibi(width=group))
     args.append(alibi)
   table_specs, tables = _table_inputs(spec, cfg, transposed=True)
   in_specs, args = in_specs + table_specs, args + tables
-  in_specs, args, aliases = _alias_into(in_specs, args, [kv_tile, kv_tile],
-                                        None if into is None else into[1:])
+  out_specs = [blocks.heads(k), blocks.heads(v)]
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:])
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group),
-      grid=(n_k, b, hk),
+      grid=(n_k, n_seq, hk),
       in_specs=in_specs,
-      out_specs=[kv_tile, kv_tile],
+      out_specs=out_specs,
       input_output_aliases=aliases,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
