@@ -1,6 +1,9 @@
 """pallas-attn: attention kernels in JAX Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU)."""
 from pallas_attn import _compat  # noqa: F401  (installs the Triton deprecation filter first)
 from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from pallas_attn.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                           flash_attn_varlen_qkvpacked_func)
+from pallas_attn.landmark import fused_landmark_attention
 from pallas_attn.sparse import sparse_attention
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
@@ -8,6 +11,10 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "fused_landmark_attention",
     "sparse_attention",
     "KernelConfigs",
     "TileConfig",

@@ -66,3 +66,59 @@ def check_options(*, dropout_p, softmax_scale, window_size, softcap, alibi_slope
       raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got {shape}")
     if jnp.dtype(alibi_slopes.dtype) != jnp.float32:
       raise TypeError(f"alibi_slopes: expected dtype float32, got {_dtype_name(alibi_slopes)}")
+
+
+def check_qkv_varlen(q, k, v):
+  """q (total_q, H, d), k/v (total_k, Hk, d) with H % Hk == 0 and d <= 256."""
+  require_array("q", q, 3, "(total_q, nheads, headdim)")
+  require_array("k", k, 3, "(total_k, nheads_k, headdim)")
+  require_array("v", v, 3, "(total_k, nheads_k, headdim)")
+  require_same_dtype(q=q, k=k, v=v)
+  _, h, d = q.shape
+  if k.shape[2] != d:
+    raise ValueError(f"k: expected shape (total_k, nheads_k, {d}) to match q {tuple(q.shape)}, "
+                     f"got {tuple(k.shape)}")
+  if tuple(v.shape) != tuple(k.shape):
+    raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
+  if h % k.shape[1] != 0:
+    raise ValueError(f"k: nheads ({h}) must be a multiple of nheads_k, got nheads_k={k.shape[1]}")
+  if not 0 < d <= MAX_HEAD_DIM:
+    raise ValueError(f"q: expected head dim in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def check_cu_seqlens(name: str, cu, total: int, batch: int | None = None) -> int:
+  """cu_seqlens: int32 (b + 1,), starting at 0, non-decreasing, ending at most at `total` rows.
+
+  The value checks run only when cu is concrete (not traced under jit). Returns b.
+  """
+  if not hasattr(cu, "shape") or not hasattr(cu, "dtype"):
+    raise TypeError(f"{name}: expected an int32 array of shape (batch + 1,), got {type(cu).__name__}")
+  if jnp.dtype(cu.dtype) != jnp.int32:
+    raise TypeError(f"{name}: expected dtype int32, got {_dtype_name(cu)}")
+  if cu.ndim != 1 or cu.shape[0] < 2:
+    raise ValueError(f"{name}: expected shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
+  if batch is not None and cu.shape[0] != batch + 1:
+    raise ValueError(f"{name}: expected shape ({batch + 1},) to match the other cu_seqlens, "
+                     f"got {tuple(cu.shape)}")
+  try:
+    vals = np.asarray(cu)
+  except Exception:  # noqa: BLE001  (a tracer: values unknown until run time)
+    return cu.shape[0] - 1
+  if vals[0] != 0 or np.any(np.diff(vals) < 0) or vals[-1] > total:
+    raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total}, got "
+                     f"{vals.tolist() if vals.size <= 16 else str(vals[:16].tolist()) + '...'}")
+  return cu.shape[0] - 1
+
+
+def check_max_seqlen(name: str, value, cu) -> int:
+  """A Python int >= every sequence length (checked when cu_seqlens is concrete)."""
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}: expected a positive Python int, got {value!r}")
+  try:
+    vals = np.asarray(cu)
+  except Exception:  # noqa: BLE001
+    return int(value)
+  longest = int(np.max(np.diff(vals)))
+  if longest > value:
+    raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {value}")
+  return int(value)

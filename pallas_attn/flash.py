@@ -7,7 +7,9 @@ buffers. The kernel backend is chosen per lowering platform: Triton on CUDA, Pal
 elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
 
 Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
-(b, H, sq, s_sink) for "ssh" (see pallas_attn/sink.py for the public layouts).
+(b, H, sq, s_sink) for "ssh" ((H, total_q, s_sink) varlen; pallas_attn/sink.py has the public
+layouts); seqlens (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen, where q is (total_q, H, d),
+k/v (total_k, Hk, d) and lse (H, total_q).
 """
 from __future__ import annotations
 
@@ -37,71 +39,74 @@ def _configs(q, spec, cfgs):
   return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs)
 
 
-def _run_forward(q, k, v, alibi, sink, spec, cfgs, into=None):
+def _run_forward(q, k, v, alibi, sink, seqlens, spec, cfgs, into=None):
   kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
   return tuple(_dispatch(
-      lambda q, k, v, alibi, sink, into, interpret: kernel(q, k, v, alibi, sink, interpret=interpret,
-                                                           into=into),
-      q, k, v, alibi, sink, into))
+      lambda q, k, v, alibi, sink, seqlens, into, interpret: kernel(
+          q, k, v, alibi, sink, seqlens, interpret=interpret, into=into),
+      q, k, v, alibi, sink, seqlens, into))
 
 
-def _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs, into=None):
+def _run_backward(q, k, v, alibi, sink, seqlens, out, lse, dout, dlse, spec, cfgs, into=None):
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
   return tuple(_dispatch(
-      lambda q, k, v, out, lse, dout, dlse, alibi, sink, into, interpret: kernel(
-          q, k, v, out, lse, dout, dlse, alibi, sink, interpret=interpret, into=into),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, sink, into))
+      lambda q, k, v, out, lse, dout, dlse, alibi, sink, seqlens, into, interpret: kernel(
+          q, k, v, out, lse, dout, dlse, alibi, sink, seqlens, interpret=interpret, into=into),
+      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, sink, seqlens, into))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
-def forward(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None):
+def forward(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None,
+            seqlens=None):
   """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out like q, lse (b, H, sq) fp32 (+inf on empty rows)."""
-  return _run_forward(q, k, v, alibi, sink, spec, cfgs)
+  return _run_forward(q, k, v, alibi, sink, seqlens, spec, cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(8, 9))
 def backward(q, k, v, alibi, out, lse, dout, dlse, spec: AttentionSpec,
-             cfgs: tiles.KernelConfigs | None = None, sink=None):
+             cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None):
   """dq, dk, dv (and dsink with sinks) for the cotangents dout of out and dlse of lse (None = 0)."""
-  return _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs)
+  return _run_backward(q, k, v, alibi, sink, seqlens, out, lse, dout, dlse, spec, cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=(4, 5))
 def forward_into(q, k, v, alibi, out, lse, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None,
-                 sink=None):
-  """forward() writing into the donated buffers out (like q) and lse (b, H, sq) fp32."""
-  return _run_forward(q, k, v, alibi, sink, spec, cfgs, into=(out, lse))
+                 sink=None, seqlens=None):
+  """forward() writing into the donated buffers out (like q) and lse fp32."""
+  return _run_forward(q, k, v, alibi, sink, seqlens, spec, cfgs, into=(out, lse))
 
 
 @functools.partial(jax.jit, static_argnums=(11, 12), donate_argnums=(8, 9, 10))
 def backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, spec: AttentionSpec,
-                  cfgs: tiles.KernelConfigs | None = None, sink=None):
+                  cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None):
   """backward() writing dq, dk, dv into the donated buffers (like q, k, v)."""
-  return _run_backward(q, k, v, alibi, sink, out, lse, dout, dlse, spec, cfgs, into=(dq, dk, dv))
+  return _run_backward(q, k, v, alibi, sink, seqlens, out, lse, dout, dlse, spec, cfgs,
+                       into=(dq, dk, dv))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None):
+def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None,
+              seqlens=None):
   """Differentiable (out, lse); gradients flow to q, k, v and sink (ALiBi slopes get none)."""
-  return forward(q, k, v, alibi, spec, cfgs, sink)
+  return forward(q, k, v, alibi, spec, cfgs, sink, seqlens)
 
 
-def _attention_fwd(q, k, v, alibi, spec, cfgs, sink=None):
-  out, lse = forward(q, k, v, alibi, spec, cfgs, sink)
-  return (out, lse), (q, k, v, alibi, sink, out, lse)
+def _attention_fwd(q, k, v, alibi, spec, cfgs, sink=None, seqlens=None):
+  out, lse = forward(q, k, v, alibi, spec, cfgs, sink, seqlens)
+  return (out, lse), (q, k, v, alibi, sink, seqlens, out, lse)
 
 
 def _attention_bwd(spec, cfgs, res, cts):
-  q, k, v, alibi, sink, out, lse = res
+  q, k, v, alibi, sink, seqlens, out, lse = res
   dout, dlse = cts
-  grads = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs, sink)
+  grads = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs, sink, seqlens)
   dalibi = None if alibi is None else jnp.zeros_like(alibi)
   dsink = None if sink is None else grads[3]
-  return grads[0], grads[1], grads[2], dalibi, dsink
+  return grads[0], grads[1], grads[2], dalibi, dsink, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
