@@ -4,6 +4,11 @@ from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, fl
 from pallas_attn.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                            flash_attn_varlen_qkvpacked_func)
 from pallas_attn.landmark import fused_landmark_attention
+from pallas_attn.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
+                              fa2_qkvpacked_func_with_sink, fa2_varlen_func_with_sink,
+                              fa2_varlen_kvpacked_func_with_sink, fa2_varlen_qkvpacked_func_with_sink,
+                              fa3_func_with_sink, fa3_qkvpacked_func_with_sink,
+                              fa3_varlen_func_with_sink)
 from pallas_attn.sparse import sparse_attention
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
@@ -15,6 +20,15 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "fused_landmark_attention",
+    "fa2_func_with_sink",
+    "fa2_kvpacked_func_with_sink",
+    "fa2_qkvpacked_func_with_sink",
+    "fa2_varlen_func_with_sink",
+    "fa2_varlen_kvpacked_func_with_sink",
+    "fa2_varlen_qkvpacked_func_with_sink",
+    "fa3_func_with_sink",
+    "fa3_qkvpacked_func_with_sink",
+    "fa3_varlen_func_with_sink",
     "sparse_attention",
     "KernelConfigs",
     "TileConfig",
