@@ -7,9 +7,11 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+from jax import lax
 
-from pallas_attn import checks
+from pallas_attn import checks, dropout
 from pallas_attn.flash import attention
+from pallas_attn.reference import attention_logits
 from pallas_attn.spec import AttentionSpec, band_from_window
 
 
@@ -27,23 +29,49 @@ def prepare(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_siz
   b, sq, h, d = q.shape
   checks.check_options(dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size,
                        softcap=softcap, alibi_slopes=alibi_slopes, batch=b, nheads=h)
-  if dropout_p > 0:
-    raise NotImplementedError("dropout_p > 0 is not supported yet (dropout lands with the varlen issue)")
   spec = AttentionSpec(
       mask=band_from_window(sq, k.shape[1], causal, tuple(window_size)),
       scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d),
       softcap=float(softcap),
       alibi=alibi_slopes is not None,
+      dropout_p=float(dropout_p),
   )
   return spec, _alibi_rows(alibi_slopes, b, h)
+
+
+def dropout_seed(dropout_p, dropout_key):
+  """The kernels' int32 (1,) seed from the JAX face's PRNG key (None without dropout)."""
+  if dropout_p == 0:
+    return None
+  if dropout_key is None:
+    raise ValueError("dropout_key: dropout_p > 0 needs a PRNG key (keyword dropout_key=...)")
+  return dropout.seed_from_key(dropout_key)
+
+
+def s_dmask(q, k, lse, spec: AttentionSpec, alibi, seed):
+  """(b, H, sq, sk) debugging output: P (from the kernel's lse) with dropped entries negated."""
+  t = attention_logits(q, k, softmax_scale=spec.scale, causal=False,
+                       window_size=_window_of(spec.mask), softcap=spec.softcap,
+                       alibi_slopes=None if alibi is None else alibi[:, :, 0])
+  p = jnp.exp(t - lse[..., None])
+  b, h = q.shape[0], q.shape[2]
+  keep = dropout.dense_keep(seed, b, h, q.shape[1], k.shape[1], spec.dropout_p)
+  return lax.stop_gradient(jnp.where(keep, p, -p)).astype(q.dtype)
+
+
+def _window_of(mask):
+  return (-1 if mask.left is None else mask.left, -1 if mask.right is None else mask.right)
 
 
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
            return_attn_probs, dropout_key, tiles=None):
   spec, alibi = prepare(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
-  out, lse = attention(q, k, v, alibi, spec, tiles)
+  seed = dropout_seed(dropout_p, dropout_key)
+  out, lse = attention(q, k, v, alibi, spec, tiles, None, None, seed)
   if return_attn_probs:
-    return out, lse, jnp.zeros((0,), q.dtype)
+    if seed is None:
+      return out, lse, jnp.zeros((0,), q.dtype)
+    return out, lse, s_dmask(q, k, lse, spec, alibi, seed)
   return out
 
 
@@ -62,7 +90,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap: > 0 applies softcap * tanh(score / softcap) before ALiBi and masking.
     alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + sk - sq - j|.
     deterministic: accepted for compatibility; the backward is always deterministic.
-    return_attn_probs: also return lse (batch, nheads, seqlen_q) fp32 and S_dmask (empty without dropout).
+    dropout_p: probability of dropping each attention probability (kept ones are scaled by
+      1 / (1 - dropout_p)); needs dropout_key. The keep mask is a pure function of
+      (seed, batch, head, i, j), so the backward replays it.
+    return_attn_probs: also return lse (batch, nheads, seqlen_q) fp32 and S_dmask: empty without
+      dropout, else (batch, nheads, seqlen_q, seqlen_k) P with dropped entries negated.
     dropout_key: PRNG key for dropout (keyword-only, JAX face only).
     tiles: KernelConfigs overriding the tuned tile table (keyword-only, for experiments).
   Returns:

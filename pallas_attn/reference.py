@@ -20,31 +20,44 @@ def band_mask(mask: BandMask):
   return mask.visible(jnp.arange(mask.sq), jnp.arange(mask.sk))
 
 
-def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, upcast=True, sink=None, sink_layout="sh"):
-  """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out (b, sq, H, d), lse (b, H, sq) fp32.
-
-  sink: fp32 logits (s_sink, H) ("sh") or (b, sq, s_sink, H) ("ssh"); each is an extra key with a raw
-  logit (unscaled, uncapped, never masked) and a zero value: it enters lse but not the output.
-  """
+def attention_logits(q, k, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                     alibi_slopes=None, upcast=True):
+  """(b, H, sq, sk) fp32 final logits t of SPEC section 0, -inf where masked."""
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
-  dtype = q.dtype
   scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
   if upcast:
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
   k = jnp.repeat(k, h // hk, axis=2)
-  v = jnp.repeat(v, h // hk, axis=2)
-  precision = jax.lax.Precision.HIGHEST
-  raw = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision).astype(jnp.float32)
+  raw = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
   t = scale * raw if softcap <= 0 else softcap * jnp.tanh(scale * raw / softcap)
-  mask = band_from_window(sq, sk, causal, tuple(window_size))
   if alibi_slopes is not None:
     slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (b, h))
     dist = jnp.abs(jnp.arange(sq)[:, None] + (sk - sq) - jnp.arange(sk)[None, :])
     t = t - slopes[:, :, None, None] * dist
-  visible = band_mask(mask)
-  t = jnp.where(visible, t, -jnp.inf)
+  visible = band_mask(band_from_window(sq, sk, causal, tuple(window_size)))
+  return jnp.where(visible, t, -jnp.inf)
+
+
+def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, upcast=True, sink=None, sink_layout="sh",
+                        dropout_p=0.0, dropout_keep=None):
+  """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out (b, sq, H, d), lse (b, H, sq) fp32.
+
+  sink: fp32 logits (s_sink, H) ("sh") or (b, sq, s_sink, H) ("ssh"); each is an extra key with a raw
+  logit (unscaled, uncapped, never masked) and a zero value: it enters lse but not the output.
+  dropout_keep: (b, H, sq, sk) bool; kept probabilities are scaled by 1 / (1 - dropout_p) after
+  normalization (lse is taken before dropout).
+  """
+  b, sq, h, d = q.shape
+  hk = k.shape[2]
+  dtype = q.dtype
+  if upcast:
+    v = v.astype(jnp.float32)
+  v = jnp.repeat(v, h // hk, axis=2)
+  precision = jax.lax.Precision.HIGHEST
+  t = attention_logits(q, k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                       softcap=softcap, alibi_slopes=alibi_slopes, upcast=upcast)
   lse = jax.nn.logsumexp(t, axis=-1)
   if sink is not None:
     z = jnp.asarray(sink, jnp.float32)
@@ -53,6 +66,8 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     lse = jnp.logaddexp(lse, jax.nn.logsumexp(z, axis=-1))
   empty = jnp.isneginf(lse)
   p = jnp.where(empty[..., None], 0.0, jnp.exp(t - jnp.where(empty, 0.0, lse)[..., None]))
+  if dropout_keep is not None:
+    p = jnp.where(dropout_keep, p / (1.0 - dropout_p), 0.0)
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=precision)
   return out.astype(dtype), jnp.where(empty, jnp.inf, lse)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from pallas_attn import checks
 from pallas_attn.flash import attention
-from pallas_attn.flash_attn import prepare
+from pallas_attn.flash_attn import dropout_seed, prepare, s_dmask
 from pallas_attn.flash_attn_varlen import prepare_varlen
 
 LAYOUTS = ("sh", "ssh")
@@ -50,10 +50,13 @@ def _with_sink(spec, sink, sink_layout):
 
 
 def _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
-           alibi_slopes):
+           alibi_slopes, dropout_key=None):
   spec, alibi = prepare(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
   ksink = _kernel_sink(sink, sink_layout, q, varlen=False)
-  return attention(q, k, v, alibi, _with_sink(spec, ksink, sink_layout), None, ksink)
+  seed = dropout_seed(dropout_p, dropout_key)
+  out, lse = attention(q, k, v, alibi, _with_sink(spec, ksink, sink_layout), None, ksink, None, seed)
+  s_mask = None if seed is None else s_dmask(q, k, lse, spec, alibi, seed)
+  return out, lse, s_mask
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink, sink_layout,
@@ -65,8 +68,10 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sin
   return attention(q, k, v, alibi, _with_sink(spec, ksink, sink_layout), None, ksink, seqlens)
 
 
-def _fa2_return(out, lse, q, return_attn_probs):
-  return (out, lse, jnp.zeros((0,), q.dtype)) if return_attn_probs else out
+def _fa2_return(out, lse, q, return_attn_probs, s_mask=None):
+  if not return_attn_probs:
+    return out
+  return out, lse, jnp.zeros((0,), q.dtype) if s_mask is None else s_mask
 
 
 def _fa3_return(out, lse, return_attn_probs):
@@ -88,10 +93,10 @@ def fa2_func_with_sink(q, k, v, sink=None, sink_layout="sh", dropout_p=0.0, soft
                        causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                        deterministic=False, return_attn_probs=False, *, dropout_key=None):
   """flash_attn_func plus sinks. Returns out, or (out, lse including the sinks, S_dmask)."""
-  del deterministic, dropout_key
-  out, lse = _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
-                    softcap, alibi_slopes)
-  return _fa2_return(out, lse, q, return_attn_probs)
+  del deterministic
+  out, lse, s_mask = _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal,
+                            window_size, softcap, alibi_slopes, dropout_key)
+  return _fa2_return(out, lse, q, return_attn_probs, s_mask)
 
 
 def fa2_kvpacked_func_with_sink(q, kv, sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
@@ -175,7 +180,8 @@ def fa3_func_with_sink(q, k, v, sink=None, sink_layout="sh", softmax_scale=None,
   sm_margin are scheduling hints without effect here."""
   del num_splits, pack_gqa, deterministic, sm_margin
   _fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk)
-  out, lse = _dense(q, k, v, sink, sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  out, lse, _ = _dense(q, k, v, sink, sink_layout, 0.0, softmax_scale, causal, window_size, softcap,
+                       None)
   return _fa3_return(out, lse, return_attn_probs)
 
 

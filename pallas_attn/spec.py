@@ -24,6 +24,7 @@ class AttentionSpec:
   # Packed sequences addressed by cu_seqlens; mask.sq / mask.sk are then the (bucketed) maximum
   # lengths that size the grid, and each sequence gets the same band with its own lengths.
   varlen: bool = False
+  dropout_p: float = 0.0  # > 0: the kernels take an int32 (1,) seed (see pallas_attn/dropout.py)
 
   @property
   def sq(self) -> int:

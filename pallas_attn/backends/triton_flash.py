@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_attn import _compat, masking
+from pallas_attn import _compat, dropout, masking
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
@@ -136,13 +136,14 @@ class _Refs:
   seqlens: tuple | None
   alibi: object
   sink: object
+  seed: object
   tables: tuple | None
   outs: tuple
 
 
-def _split_refs(refs, spec: AttentionSpec, n_out: int) -> _Refs:
-  """Order of the optional inputs: cu_seqlens q and k, ALiBi slopes, sink logits, the four tile
-  tables; aliased output buffers sit between them and the outputs and are never read."""
+def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -> _Refs:
+  """Order of the optional inputs: cu_seqlens q and k, ALiBi slopes, sink logits, dropout seed, the
+  four tile tables; aliased output buffers sit between them and the outputs and are never read."""
   pos = 0
 
   def take(n):
@@ -152,9 +153,26 @@ def _split_refs(refs, spec: AttentionSpec, n_out: int) -> _Refs:
 
   seqlens = take(2) if spec.varlen else None
   alibi = take(1)[0] if spec.alibi else None
-  sink = take(1)[0] if spec.sink else None
+  sink = take(1)[0] if spec.sink and with_sink else None
+  seed = take(1)[0] if spec.dropout_p > 0 else None
   tables = take(4) if spec.mask.tabled else None
-  return _Refs(seqlens, alibi, sink, tables, tuple(refs[-n_out:]))
+  return _Refs(seqlens, alibi, sink, seed, tables, tuple(refs[-n_out:]))
+
+
+class _Dropout:
+  """The keep mask of one (batch, head) program, scaled by 1 / (1 - p); inactive when p == 0."""
+
+  def __init__(self, spec: AttentionSpec, seed_ref, batch, head, nheads: int):
+    self.p = spec.dropout_p
+    self.state = None if seed_ref is None else dropout.stream(seed_ref[0], batch, head, nheads)
+    self.scale = 1.0 / (1.0 - self.p) if self.p > 0 else 1.0
+
+  def apply(self, x, rows, cols, transposed=False, scaled=True):
+    """x with dropped entries zeroed (and kept ones scaled by 1 / (1 - p) if `scaled`)."""
+    if self.state is None:
+      return x
+    kept = jnp.where(dropout.keep(self.state, rows, cols, self.p, transposed), x, 0.0)
+    return kept * self.scale if scaled else kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,15 +297,16 @@ def _grid_dims(spec: AttentionSpec, q, seqlens):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
-                n_q_tiles: int, reverse: bool, n_sink: int = 0):
+                n_q_tiles: int, reverse: bool, nheads: int, n_sink: int = 0):
   opt = _split_refs(refs, spec, 2)
   o_ref, lse_ref = opt.outs
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
-  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  # Program ids are read here, outside any loop or branch (interpret mode substitutes them only at
+  # the kernel's top level).
+  pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
-
-  pid = pl.program_id(0)
   # Causal tiles near the bottom do the most work; launching them first evens out the tail.
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
 
@@ -299,6 +318,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     tile_mask = _and(row_ok[:, None], head_ok)
     q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
+    drop = _Dropout(spec, opt.seed, batch, head, nheads)
 
     def body(kv_tile, carry, masked):
       acc, m_i, l_i = carry
@@ -316,6 +336,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       p = jnp.exp2(s - m_use[:, None])
       l_i = l_i * alpha + jnp.sum(p, axis=1)
       v = _load(v_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      # lse and the normalizer count every probability; only P @ V sees the dropped ones
+      # (their 1 / (1 - p) scale is applied once, at the end).
+      p = drop.apply(p, rows, cols, scaled=False)
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_new, l_i
 
@@ -327,7 +350,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     acc, m_i, l_i = _visit(mask, opt.tables, q_tile, bq, bk, body, carry)
 
     empty = l_i == 0.0
-    out = acc / jnp.where(empty, 1.0, l_i)[:, None]
+    out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
     lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
     _store(o_ref.at[rows_at, :], out.astype(o_ref.dtype), tile_mask)
     _store(lse_ref.at[rows_at], lse, row_ok)
@@ -335,8 +358,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
 
 
-def forward(q, k, v, alibi, sink=None, seqlens=None, *, spec: AttentionSpec, cfgs: KernelConfigs,
-            head_dim: int, interpret: bool, into=None):
+def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, *, spec: AttentionSpec,
+            cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
   """out like q and lse fp32 (natural log; +inf on empty rows), batched or varlen layout.
 
   seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen. into: optional (out, lse) buffers
@@ -352,7 +375,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, *, spec: AttentionSpec, cfg
   blocks = _Blocks(spec, dp, group)
   lse_shape = (h, q.shape[0]) if spec.varlen else (q.shape[0], h, q.shape[1])
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                             reverse=reverse, n_sink=0 if sink is None else sink.shape[-1])
+                             reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1])
   in_specs = [blocks.heads(q), blocks.heads(k, lambda hh: hh // group),
               blocks.heads(v, lambda hh: hh // group)]
   args = [q, k, v]
@@ -365,6 +388,9 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, *, spec: AttentionSpec, cfg
   if spec.sink:
     in_specs.append(blocks.sink(spec, sink))
     args.append(sink)
+  if spec.dropout_p > 0:
+    in_specs.append(_whole(seed))
+    args.append(seed)
   table_specs, tables = _table_inputs(spec, cfg)
   in_specs, args = in_specs + table_specs, args + tables
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
@@ -388,15 +414,15 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, *, spec: AttentionSpec, cfg
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
-               cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, n_sink: int = 0):
+               cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, nheads: int,
+               n_sink: int = 0):
   opt = _split_refs(refs, spec, 3 if spec.sink else 2)
   dq_ref, delta_ref = opt.outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
-  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
-
-  pid = pl.program_id(0)
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
   per_row_sink = spec.sink == "ssh"
 
@@ -414,6 +440,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
              - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0))
     lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
+    drop = _Dropout(spec, opt.seed, batch, head, nheads)
 
     def body(kv_tile, dq, masked):
       start = kv_tile * bk
@@ -425,7 +452,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       p = jnp.exp2(s - lse2[:, None])
       if masked:
         p = jnp.where(mask.visible(rows, cols), p, 0.0)
-      dpv = _dot(do, v, trans_b=True)
+      dpv = drop.apply(_dot(do, v, trans_b=True), rows, cols)
       ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
@@ -455,14 +482,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
-                cfg: TileConfig, head_dim: int, group: int):
-  opt = _split_refs(refs, spec, 2)
+                cfg: TileConfig, head_dim: int, group: int, nheads: int):
+  opt = _split_refs(refs, spec, 2, with_sink=False)  # the sink gradient comes from the dQ pass
   dk_ref, dv_ref = opt.outs
   bq, bk = cfg.block_q, cfg.block_k
   dp = k_ref.shape[-1]
-  seq = _sequence(spec, opt.seqlens, pl.program_id(1))
+  kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
-  kv_tile = pl.program_id(0)
 
   def run():
     cols = kv_tile * bk + jnp.arange(bk)
@@ -477,6 +504,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
     # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
     def head(g, carry):
       scores = _Scores(spec, mask, _load_slope(opt.alibi, g))
+      drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads)
 
       def body(q_tile, carry, masked):
         dk, dv = carry
@@ -493,8 +521,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
           p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        dp_t = _dot(v, do, trans_b=True)
+        dv = dv + _dot(drop.apply(p_t, rows, cols, transposed=True).astype(do.dtype), do)
+        dp_t = drop.apply(_dot(v, do, trans_b=True), rows, cols, transposed=True)
         ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
@@ -512,8 +540,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
 
-def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, *, spec: AttentionSpec,
-             cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
+def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed=None, *,
+             spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
   """dq, dk, dv in the input dtypes, and dsink (fp32, the layout of `sink`) when there are sinks.
 
   into: optional (dq, dk, dv) buffers to write the gradients into.
@@ -550,6 +578,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, *, s
     else:
       out_specs.append(blocks.sink(spec, sink))
       out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
+  seed_specs, seed_args = ([_whole(seed)], [seed]) if spec.dropout_p > 0 else ([], [])
+  in_specs, args = in_specs + seed_specs, args + seed_args
   table_specs, tables = _table_inputs(spec, cfg)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
@@ -558,7 +588,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, *, s
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
   dq, delta, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                        reverse=reverse, n_sink=0 if sink is None else sink.shape[-1]),
+                        reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1]),
       grid=(n_q, n_seq, h),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -578,12 +608,13 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, *, s
   if spec.alibi:
     in_specs.append(blocks.alibi(width=group))
     args.append(alibi)
+  in_specs, args = in_specs + seed_specs, args + seed_args
   table_specs, tables = _table_inputs(spec, cfg, transposed=True)
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [blocks.heads(k), blocks.heads(v)]
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:])
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group),
+      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group, nheads=h),
       grid=(n_k, n_seq, hk),
       in_specs=in_specs,
       out_specs=out_specs,
