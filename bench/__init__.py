@@ -1,0 +1,1 @@
+"""Benchmark suite: python -m bench.run (see bench/README.md)."""

@@ -1,0 +1,241 @@
+"""What the torch bridge costs on top of calling the JAX kernels directly.
+
+1. Host overhead per call at a small shape, where the device finishes each kernel long before the
+   host issues the next, so back-to-back wall time per call is host time: the bridge
+   (torch_bridge.flash_attn_func, forward and forward+backward through torch autograd) against the
+   jitted JAX functions it wraps (pallas_attn.flash.forward / backward) on the same data.
+   Target: <= 60 us added per call.
+2. Throughput at (b, s, H, d) = (4, 4096, 16, 128) bf16: bridged against pure JAX
+   (jax.jit of pallas_attn.flash_attn_func, and of its VJP). Target: >= 0.97x.
+
+    python bench/bridge_overhead.py            # CUDA if torch sees it, else CPU
+    python bench/bridge_overhead.py --smoke    # tiny shapes, a few iterations (runs on CPU)
+
+Writes bench/out/bridge_overhead.json and prints a table. On the CPU the numbers only show that
+the script runs: torch's CPU path waits for each result, so "overhead" there includes compute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch_bridge  # noqa: E402  first: sets JAX's GPU memory policy before JAX starts its backend
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
+
+import pallas_attn as pa
+from pallas_attn import flash, flash_attn as jax_fa
+from torch_bridge import _dlpack
+
+SMALL = (1, 128, 4, 64)
+LARGE = (4, 4096, 16, 128)
+SMOKE_SMALL = (1, 16, 2, 32)
+SMOKE_LARGE = (1, 64, 2, 32)
+
+
+def _sync(device):
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def _time_per_call(fn, sync, iters, repeats):
+  """Median over `repeats` of the wall time of `iters` back-to-back calls, synced once at the end."""
+  fn()
+  fn()
+  sync()
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      fn()
+    sync()
+    samples.append((time.perf_counter() - t0) / iters)
+  return statistics.median(samples)
+
+
+def _tensors(shape, dtype, device, seed):
+  g = torch.Generator().manual_seed(seed)
+  mk = lambda: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+  return mk(), mk(), mk(), mk()
+
+
+def host_overhead(shape, dtype, device, iters, repeats):
+  q, k, v, do = _tensors(shape, dtype, device, 0)
+  qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+  qj, kj, vj, doj = (_dlpack.to_jax(x) for x in (q, k, v, do))
+  spec, _ = jax_fa.prepare(qj, kj, vj, causal=True)
+
+  last = {}
+  # torch's CPU ops are synchronous and the bridge's CPU path copies each result, so on the CPU the
+  # fair baseline waits for every JAX call too; on CUDA both sides queue work without waiting.
+  settle = jax.block_until_ready if device.type == "cpu" else (lambda x: x)
+
+  def jax_fwd():
+    last["o"] = settle(flash.forward(qj, kj, vj, None, spec))
+
+  def jax_fwd_bwd():
+    out, lse = flash.forward(qj, kj, vj, None, spec)
+    last["g"] = settle(flash.backward(qj, kj, vj, None, out, lse, doj, None, spec))
+
+  def bridge_fwd():
+    last["t"] = torch_bridge.flash_attn_func(q, k, v, causal=True)
+
+  def bridge_fwd_bwd():
+    out = torch_bridge.flash_attn_func(qg, kg, vg, causal=True)
+    last["tg"] = torch.autograd.grad(out, (qg, kg, vg), do)
+
+  def sync_all():
+    jax.block_until_ready(list(last.get(n) for n in ("o", "g") if n in last))
+    _sync(device)
+
+  rows = {}
+  for name, fn in (("jax_fwd", jax_fwd), ("bridge_fwd", bridge_fwd), ("jax_fwd_bwd", jax_fwd_bwd),
+                   ("bridge_fwd_bwd", bridge_fwd_bwd)):
+    rows[name] = _time_per_call(fn, sync_all, iters, repeats) * 1e6
+  return {
+      "shape": list(shape), "dtype": str(dtype),
+      "us_per_call": rows,
+      "added_us_fwd": rows["bridge_fwd"] - rows["jax_fwd"],
+      "added_us_fwd_bwd": rows["bridge_fwd_bwd"] - rows["jax_fwd_bwd"],
+  }
+
+
+def components(shape, dtype, device, iters, repeats):
+  """Where the added host time goes: torch's op and autograd layers, and one DLPack import."""
+  q, k, v, _ = _tensors(shape, dtype, device, 2)
+  qg = q.clone().requires_grad_()
+  b, sq, h, _ = shape
+
+  def empty_kernel(*args):
+    x = args[0]
+    return x.new_empty(x.shape), x.new_empty((b, h, sq), dtype=torch.float32)
+
+  schema = ("(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, "
+            "bool causal, int window_left, int window_right, float softcap) -> (Tensor, Tensor)")
+  op = torch.library.custom_op("bridge_bench::empty", empty_kernel, mutates_args=(), schema=schema)
+  op.register_fake(empty_kernel)
+
+  class Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+      out = op(*args)
+      ctx.save_for_backward(*args[:3], *out)
+      return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+      return (None,) * 10
+
+  args = lambda x: (x, k, v, None, 0.0, None, True, -1, -1, 0.0)
+  target = _dlpack._target(q.device)  # pylint: disable=protected-access
+  importer = _dlpack._import  # pylint: disable=protected-access
+  sync = lambda: _sync(device)
+  rows = {
+      "custom_op_call": lambda: op(*args(q)),
+      "custom_op_in_autograd_function": lambda: Function.apply(*args(qg)),
+      "dlpack_import": lambda: importer(q, target, False),
+      "dlpack_import_with_stream_fence": lambda: importer(q, target, True),
+  }
+  return {n: _time_per_call(fn, sync, iters, repeats) * 1e6 for n, fn in rows.items()}
+
+
+def throughput(shape, dtype, device, iters, repeats):
+  b, s, h, d = shape
+  q, k, v, do = _tensors(shape, dtype, device, 1)
+  qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+  qj, kj, vj, doj = (_dlpack.to_jax(x) for x in (q, k, v, do))
+  out = []
+  for causal in (False, True):
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    jf = jax.jit(lambda q, k, v, c=causal: pa.flash_attn_func(q, k, v, causal=c))
+
+    def vjp(q, k, v, do, c=causal):
+      _, pullback = jax.vjp(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=c), q, k, v)
+      return pullback(do)
+
+    jfb = jax.jit(vjp)
+    last = {}
+
+    def sync_all():
+      jax.block_until_ready([last[n] for n in ("j",) if n in last])
+      _sync(device)
+
+    def run_jf():
+      last["j"] = jf(qj, kj, vj)
+
+    def run_jfb():
+      last["j"] = jfb(qj, kj, vj, doj)
+
+    def run_bf(c=causal):
+      torch_bridge.flash_attn_func(q, k, v, causal=c)
+
+    def run_bfb(c=causal):
+      o = torch_bridge.flash_attn_func(qg, kg, vg, causal=c)
+      torch.autograd.grad(o, (qg, kg, vg), do)
+
+    t = {name: _time_per_call(fn, sync_all, iters, repeats)
+         for name, fn in (("jax_fwd", run_jf), ("bridge_fwd", run_bf), ("jax_fwd_bwd", run_jfb),
+                          ("bridge_fwd_bwd", run_bfb))}
+    out.append({
+        "shape": list(shape), "dtype": str(dtype), "causal": causal,
+        "tflops": {n: (flops if "bwd" not in n else 3.5 * flops) / sec / 1e12 for n, sec in t.items()},
+        "ratio_fwd": t["jax_fwd"] / t["bridge_fwd"],
+        "ratio_fwd_bwd": t["jax_fwd_bwd"] / t["bridge_fwd_bwd"],
+    })
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations")
+  parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bridge_overhead.json"))
+  args = parser.parse_args(argv)
+  device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+  dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+  small, large = (SMOKE_SMALL, SMOKE_LARGE) if args.smoke else (SMALL, LARGE)
+  iters, repeats = (5, 3) if args.smoke else (200, 5)
+  t_iters = 3 if args.smoke else 20
+
+  report = {
+      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+      "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "jax": jax.__version__},
+      "output_path": _dlpack.output_path(device),
+      "smoke": args.smoke,
+      "host_overhead": host_overhead(small, dtype, device, iters, repeats),
+      "host_components_us": components(small, dtype, device, iters, repeats),
+      "throughput": throughput(large, dtype, device, t_iters, repeats),
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2)
+
+  h = report["host_overhead"]
+  print(f"device {report['device']}, output path {report['output_path']}, {report['versions']}")
+  print(f"\nhost overhead per call at {tuple(h['shape'])} {h['dtype']} (us)")
+  for name, us in h["us_per_call"].items():
+    print(f"  {name:<16} {us:10.1f}")
+  print(f"  added fwd        {h['added_us_fwd']:10.1f}   (target <= 60)")
+  print(f"  added fwd+bwd    {h['added_us_fwd_bwd']:10.1f}   (two bridged calls: target <= 120)")
+  print("  of which (measured alone):")
+  for name, us in report["host_components_us"].items():
+    print(f"    {name:<34} {us:8.1f}")
+  print(f"\nthroughput at {tuple(large)} (b, s, H, d) {dtype} (TFLOP/s)")
+  print(f"  {'causal':<7}{'jax fwd':>9}{'bridge':>9}{'ratio':>7}{'jax f+b':>9}{'bridge':>9}{'ratio':>7}")
+  for row in report["throughput"]:
+    tf = row["tflops"]
+    print(f"  {str(row['causal']):<7}{tf['jax_fwd']:9.2f}{tf['bridge_fwd']:9.2f}{row['ratio_fwd']:7.3f}"
+          f"{tf['jax_fwd_bwd']:9.2f}{tf['bridge_fwd_bwd']:9.2f}{row['ratio_fwd_bwd']:7.3f}")
+  print(f"\nwrote {args.out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,39 @@
+"""bench.run --smoke end to end on the CPU: every output appears and every smoke row is measured."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import run  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_smoke_writes_table_json_and_plot(tmp_path, capsys):
+  record = run.main(["--smoke", "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+
+  data = json.loads((tmp_path / "results.json").read_text())
+  png = tmp_path / "tflops_smoke.png"
+  assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (tmp_path / "table.txt").read_text().strip()
+  assert data["config"]["smoke"] and data["versions"]["jax"] and "device_kind" in data["device"]
+
+  rows = data["rows"]
+  assert len(rows) == len(record["rows"]) > 0
+  bad = [(r["label"], r["shape"], r["direction"], r["provider"], r["status"], r["reason"]) for r in rows
+         if r["status"] != "ok"]
+  assert not bad, bad
+  assert {(r["provider"], r["direction"]) for r in rows} == {
+      (p, d) for p in ("pallas-attn", "xla-reference") for d in ("fwd", "fwdbwd")}
+  assert all(r["tflops"] > 0 and r["ms"] > 0 for r in rows)
+  assert all(r["ours_ratio"] > 0 for r in rows if r["provider"] != "pallas-attn")
+  assert all(r["x_plain"] > 0 for r in rows if r["label"] != "plain")
+
+  # The table is printed last, one line per measured row.
+  table = printed[printed.rindex("set "):]
+  tail = printed.strip().splitlines()[-1]
+  assert "pallas-attn" in printed and "xla-reference" in table and "best peer" in table
+  assert tail.startswith("smoke")
+  assert sum(line.rstrip().endswith(" ok") for line in printed.splitlines()) == len(rows)

@@ -1,0 +1,337 @@
+"""Tensors across the torch/JAX boundary: DLPack, stream order, and outputs that torch owns.
+
+The rules every bridged call follows (`run`):
+- Inputs cross zero-copy by the DLPack protocol (`__dlpack__` on the producer, the consumer's import
+  on the other side), after being detached, made contiguous and 32-byte aligned where they are not.
+- JAX reads nothing before the torch work already queued on the current stream has finished: the
+  first operand is imported with JAX's stream for external events, which makes that stream wait on
+  an event recorded on torch's current stream after every operand and output was prepared. The
+  other operands skip the per-tensor handshake; the executable waits for all of its operands, so
+  the one event orders all of them (one event per call instead of one per tensor).
+- Outputs are allocated by torch and handed to the JAX function's donated, kernel-aliased buffers
+  ("aliased" path). Where the JAX runtime does not honour donation of an imported buffer (XLA's
+  CPU client does not), the plain function runs and torch copies its results ("copy" path); the
+  JAX result buffers are then kept alive until torch's copy has finished, because XLA may hand
+  freed memory to its next computation while a torch kernel on another stream still reads it.
+- torch waits for JAX before it touches an output: JAX's `__dlpack__(stream=torch's stream)` makes
+  torch's stream wait without blocking the host (CPU: the host waits).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+import torch
+
+ALIGN = 32
+_NO_SYNC = -1  # torch's __dlpack__ stream value for "no cross-stream handshake"
+
+
+class Kernel(NamedTuple):
+  """One jitted JAX computation in two forms with one calling convention.
+
+  into(*operands, *outputs, *static) writes into the donated buffers `outputs` and returns them;
+  plain(*operands, *static) returns fresh results of the same shapes.
+  """
+  into: Callable[..., Sequence[jax.Array]]
+  plain: Callable[..., Sequence[jax.Array]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch device -> JAX device
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  device: Any  # jax.Device
+  platform: str  # "cpu" or "gpu"
+  dl_type: int  # DLPack device type of the torch tensors
+  stream: int | None  # JAX's stream for external-ready events (GPU); None on CPU
+
+
+_TARGETS: dict[torch.device, _Target] = {}
+
+
+def _gpu_device(index: int):
+  try:
+    devices = jax.local_devices(backend="gpu")
+  except RuntimeError as err:
+    raise RuntimeError(
+        f"torch tensors are on cuda:{index} but JAX's GPU backend did not start ({err}). Install the "
+        "jax CUDA plugin that matches this CUDA (pip install 'jax[cuda12]'); the bridge does not "
+        "fall back to computing on the CPU.") from err
+  for d in devices:
+    if d.local_hardware_id == index:
+      return d
+  raise RuntimeError(f"torch tensors are on cuda:{index} but JAX sees no GPU with that index "
+                     f"(JAX's GPUs: {devices}); CUDA_VISIBLE_DEVICES must be the same for both")
+
+
+def _target(device: torch.device) -> _Target:
+  target = _TARGETS.get(device)
+  if target is not None:
+    return target
+  if device.type == "cpu":
+    target = _Target(jax.devices("cpu")[0], "cpu", 1, None)
+  elif device.type == "cuda":
+    jdev = _gpu_device(device.index)
+    stream = None
+    try:
+      stream = jdev.get_stream_for_external_ready_events()
+    except Exception:  # noqa: BLE001  (UNIMPLEMENTED on some clients: import then blocks instead)
+      stream = None
+    target = _Target(jdev, "gpu", 2, stream or None)
+  else:
+    raise ValueError(f"tensors on {device} cannot cross to JAX; expected cpu or cuda tensors")
+  _TARGETS[device] = target
+  return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch -> JAX
+
+
+def _import_fn():
+  """jax.dlpack.from_dlpack's import step without its per-call device lookups.
+
+  from_dlpack looks the device up again, asks for the stream, probes it by raising on CPU and
+  re-wraps the result: about 30 us per tensor. This calls the same import with the cached target;
+  `_Importer` checks its result once per device (zero-copy, shape, device) and falls back to the
+  public function on any mismatch or error.
+  """
+  try:
+    from jax._src.lib import _jax as jaxlib  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import jaxlib_extension_version  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  fn = getattr(jaxlib, "dlpack_managed_tensor_to_buffer", None)
+  if fn is None:
+    return None
+  if jaxlib_extension_version >= 467:
+    return lambda cap, target, stream: fn(cap, target.device, stream, None, target.dl_type)
+  return lambda cap, target, stream: fn(cap, target.device, stream, None)
+
+
+class _Importer:
+  def __init__(self):
+    self._fast = _import_fn()
+    self._checked: dict[_Target, bool] = {}
+
+  def __call__(self, t: torch.Tensor, target: _Target, fence: bool) -> jax.Array:
+    ok = self._checked.get(target)
+    if ok is None:
+      ok = self._checked[target] = self._probe(t, target)
+    if not ok or (target.platform == "cpu" and t.is_pinned()):
+      # The public import handshakes on every tensor (slower, equally ordered) and knows pinned
+      # host memory, which DLPack labels as a device type of its own.
+      return jax.dlpack.from_dlpack(t)
+    stream = target.stream if fence else None
+    return self._fast(t.__dlpack__(stream=_NO_SYNC if stream is None else stream), target, stream)
+
+  def _probe(self, t, target) -> bool:
+    if self._fast is None or (target.platform == "gpu" and target.stream is None):
+      return False
+    try:
+      stream = target.stream
+      x = self._fast(t.__dlpack__(stream=_NO_SYNC if stream is None else stream), target, stream)
+    except Exception:  # noqa: BLE001  (a changed private signature: use the public path)
+      return False
+    return (isinstance(x, jax.Array) and x.unsafe_buffer_pointer() == t.data_ptr()
+            and tuple(x.shape) == tuple(t.shape) and x.devices() == {target.device})
+
+
+_import = _Importer()
+
+
+def ready(t: torch.Tensor) -> torch.Tensor:
+  """The tensor as JAX can take it without a copy: detached, contiguous, 32-byte aligned."""
+  t = t.detach()
+  if not t.is_contiguous():
+    t = t.contiguous()
+  if t.data_ptr() % ALIGN:
+    t = t.clone()
+  return t
+
+
+def to_jax(t: torch.Tensor) -> jax.Array:
+  """One tensor as a JAX array on the matching JAX device (zero-copy unless `ready` had to copy).
+
+  Runs under the tensor's own CUDA device: torch's export syncs with that device's current stream.
+  """
+  t = ready(t)
+  if t.is_cuda and t.device.index != torch.cuda.current_device():
+    with torch.cuda.device(t.device):
+      return _import(t, _target(t.device), fence=True)
+  return _import(t, _target(t.device), fence=True)
+
+
+def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax.Array | None]:
+  if target.platform == "gpu" and target.stream is None:
+    # No JAX stream to hand torch: order by waiting on the host instead.
+    torch.cuda.current_stream().synchronize()
+  out, fence = [], True
+  for t in tensors:
+    if t is None:
+      out.append(None)
+    else:
+      out.append(_import(t, target, fence))
+      fence = False
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# JAX -> torch
+
+
+def _current_stream_ptr() -> int:
+  ptr = torch.cuda.current_stream().cuda_stream
+  return 1 if ptr == 0 else ptr  # DLPack's number for the legacy default stream
+
+
+def _torch_waits_for(target: _Target, results: Sequence[jax.Array]) -> None:
+  """Orders torch's current stream after the execution that produced `results`."""
+  if target.platform == "cpu":
+    jax.block_until_ready(results)
+    return
+  # All outputs of one execution become ready together (one event at its end), so one handshake
+  # covers them. The capsule is dropped unconsumed: only the producer's stream wait is wanted.
+  results[-1].__dlpack__(stream=_current_stream_ptr())
+
+
+class _KeepAlive:
+  """JAX buffers that torch kernels still read, each released once its torch event has passed."""
+
+  def __init__(self):
+    self._pending: collections.deque = collections.deque()
+    self._lock = threading.Lock()
+
+  def hold(self, arrays) -> None:
+    event = torch.cuda.Event()
+    event.record()
+    with self._lock:
+      self._pending.append((event, arrays))
+
+  def reap(self) -> None:
+    if not self._pending:
+      return
+    with self._lock:
+      while self._pending and self._pending[0][0].query():
+        self._pending.popleft()
+
+  def __len__(self) -> int:
+    return len(self._pending)
+
+
+_keep_alive = _KeepAlive()
+
+
+def _copy_back(target: _Target, results: Sequence[jax.Array], outputs: Sequence[torch.Tensor]) -> None:
+  for r, o in zip(results, outputs):
+    # torch.from_dlpack hands JAX torch's current stream, so the copy is queued behind the kernel.
+    o.copy_(torch.from_dlpack(r))
+  if target.platform != "cpu":
+    _keep_alive.hold(tuple(results))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which output path a platform takes
+
+
+_PATHS: dict[str, str] = {}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _donation_probe(x):
+  return x + 1
+
+
+def _probe_path(target: _Target, device: torch.device) -> str:
+  """Whether this runtime writes a jitted function's output into a donated DLPack-imported buffer."""
+  t = torch.zeros(64, dtype=torch.float32, device=device)
+  x = _import(t, target, fence=True)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # "donated buffers were not usable" is an answer, not a problem
+      y = _donation_probe(x)
+  except Exception:  # noqa: BLE001  (a runtime that refuses such donations outright)
+    return "copy"
+  path = "aliased" if y.unsafe_buffer_pointer() == t.data_ptr() else "copy"
+  _torch_waits_for(target, [y])
+  return path
+
+
+def output_path(device: torch.device | str) -> str:
+  """'aliased' when JAX writes straight into torch's output tensors on this device, else 'copy'."""
+  device = torch.device(device)
+  if device.type == "cuda" and device.index is None:
+    device = torch.device("cuda", torch.cuda.current_device())
+  target = _target(device)
+  path = _PATHS.get(target.platform)
+  if path is None:
+    path = _PATHS[target.platform] = _probe_path(target, device)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# One bridged call
+
+
+def run(kernel: Kernel, operands: Sequence[torch.Tensor | None], outputs: Sequence[torch.Tensor],
+        static: tuple) -> None:
+  """Computes `kernel` on torch tensors; results land in `outputs` (tensors torch allocated).
+
+  operands may hold None for absent optional operands. Every tensor is on one device, the current
+  one for CUDA (the caller checks, naming the argument).
+  """
+  device = outputs[0].device
+  target = _target(device)
+  _keep_alive.reap()
+  operands = [None if t is None else ready(t) for t in operands]
+  path = _PATHS.get(target.platform) or output_path(device)
+  if path == "aliased":
+    arrays = _to_jax(target, [*operands, *outputs])
+    results = kernel.into(*arrays, *static)
+    if all(r.unsafe_buffer_pointer() == o.data_ptr() for r, o in zip(results, outputs)):
+      _torch_waits_for(target, results)
+      return
+    # The runtime declined this donation although the probe's was honoured: copy, and stop trying.
+    _PATHS[target.platform] = "copy"
+  else:
+    arrays = _to_jax(target, operands)
+    results = kernel.plain(*arrays, *static)
+  _copy_back(target, results, outputs)
+
+
+def pending_copies() -> int:
+  """JAX buffers still held for torch copies in flight (diagnostics and tests)."""
+  _keep_alive.reap()
+  return len(_keep_alive)
+
+
+# jax's bfloat16 is not a numpy builtin; everything else maps by name.
+_JAX_DTYPES = {
+    torch.float16: np.dtype("float16"),
+    torch.bfloat16: jax.numpy.dtype("bfloat16"),
+    torch.float32: np.dtype("float32"),
+    torch.float64: np.dtype("float64"),
+    torch.int8: np.dtype("int8"),
+    torch.int16: np.dtype("int16"),
+    torch.int32: np.dtype("int32"),
+    torch.int64: np.dtype("int64"),
+    torch.uint8: np.dtype("uint8"),
+    torch.bool: np.dtype("bool"),
+}
+
+
+def jax_dtype(name: str, dtype: torch.dtype):
+  """The JAX dtype of a torch dtype; TypeError naming the argument when JAX has none."""
+  dt = _JAX_DTYPES.get(dtype)
+  if dt is None:
+    raise TypeError(f"{name}: tensors of dtype {dtype} cannot cross to JAX")
+  return dt
