@@ -12,19 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import jax_median_ms
+
 import pallas_attn as pa
-
-
-def _median_ms(fn, *args, iters=10, reps=5):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(iters):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / iters * 1e3)
-  return float(np.median(out))
 
 
 def main():
@@ -48,7 +38,7 @@ def main():
     def fb(q, k, v, f=f):
       _, vjp = jax.vjp(f, q, k, v)
       return vjp(do)
-    rows.append((name, _median_ms(jax.jit(f), q, k, v), _median_ms(jax.jit(fb), q, k, v)))
+    rows.append((name, jax_median_ms(jax.jit(f), q, k, v), jax_median_ms(jax.jit(fb), q, k, v)))
     print("OPTIONS", rows[-1], flush=True)
   base = rows[0]
   print(f"\n(b, H, s, d) = {(b, h, s, d)} {jnp.dtype(dtype).name} causal")

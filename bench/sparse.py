@@ -15,19 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import jax_median_ms, torch_median_ms
+
 from pallas_attn import flash_attn_func, sparse_attention
-
-
-def _median_ms(fn, *args, iters=10, reps=5):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(iters):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / iters * 1e3)
-  return float(np.median(out))
 
 
 def _fwd_bwd(f, dout):
@@ -51,23 +41,8 @@ def _flex_rows(n, e, heads, window, smoke):
   mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), 1, 1, n, n, device="cuda")
   flex = torch.compile(flex_attention)
 
-  def t_ms(fn):
-    for _ in range(3):
-      fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-      start.record()
-      for _ in range(10):
-        fn()
-      end.record()
-      torch.cuda.synchronize()
-      times.append(start.elapsed_time(end) / 10)
-    return float(np.median(times))
-
-  fwd = t_ms(lambda: flex(q, k, v, block_mask=mask))
-  fb = t_ms(lambda: torch.autograd.grad(flex(q, k, v, block_mask=mask), (q, k, v), do))
+  fwd = torch_median_ms(lambda: flex(q, k, v, block_mask=mask))
+  fb = torch_median_ms(lambda: torch.autograd.grad(flex(q, k, v, block_mask=mask), (q, k, v), do))
   return [(f"flex local L={window}", "", fwd, fb)]
 
 
@@ -88,7 +63,7 @@ def main():
       ("ours dense causal", lambda q, k, v: sparse_attention(q, k, v, heads, "all")),
   ]
   for name, f in cases:
-    rows.append((name, "", _median_ms(jax.jit(f), q, k, v), _median_ms(_fwd_bwd(f, dout), q, k, v)))
+    rows.append((name, "", jax_median_ms(jax.jit(f), q, k, v), jax_median_ms(_fwd_bwd(f, dout), q, k, v)))
     print("SPARSE", rows[-1], flush=True)
   rows += _flex_rows(n, e, heads, local, args.smoke)
   dense = rows[3]

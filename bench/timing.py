@@ -73,3 +73,15 @@ def _torch_samples(call, inner: int, reps: int) -> list[float]:
     end.record()
   torch.cuda.synchronize()
   return [s.elapsed_time(e) / 1e3 / inner for s, e in zip(starts, ends)]
+
+
+def jax_median_ms(fn, *args, cfg: TimingConfig = TimingConfig()) -> float:
+  """Median milliseconds of a jitted JAX call (compiled and warmed up first)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return measure(lambda: fn(*args), jax.block_until_ready, cfg).median_s * 1e3
+
+
+def torch_median_ms(call, cfg: TimingConfig = TimingConfig()) -> float:
+  """Median milliseconds of a CUDA torch call, timed with events."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return measure(call, lambda _: torch.cuda.synchronize(), cfg, cuda_events=True).median_s * 1e3

@@ -12,9 +12,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import pallas_attn as pa
+from bench.timing import jax_median_ms
 from pallas_attn.tiles import KernelConfigs as K
 from pallas_attn.tiles import TileConfig as T
 
@@ -26,18 +26,6 @@ CANDIDATES = {
     "bwd_dq128x64_w8_dkv64x128_w8": K(FWD, T(128, 64, 8, 2), T(64, 128, 8, 2)),
     "bwd_s3": K(FWD, T(64, 64, 4, 3), T(64, 64, 4, 3)),
 }
-
-
-def _time(fn, *args, iters=20, reps=5):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(iters):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / iters)
-  return float(np.median(out))
 
 
 def main():
@@ -67,7 +55,7 @@ def main():
       t0 = time.perf_counter()
       jax.block_until_ready(fb(q, k, v))
       compile_s = time.perf_counter() - t0
-      tf, tfb = _time(fwd, q, k, v), _time(fb, q, k, v)
+      tf, tfb = jax_median_ms(fwd, q, k, v) / 1e3, jax_median_ms(fb, q, k, v) / 1e3
       rows.append((name, compile_s, flops / tf / 1e12, 3.5 * flops / tfb / 1e12))
       print("TUNE", rows[-1], flush=True)
     except Exception as e:  # noqa: BLE001  (a config that does not compile is a result too)
