@@ -6,11 +6,9 @@ without them, at (4, 16, 4096, 128) bf16 causal. Forward and forward+backward, m
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench.timing import jax_median_ms
 

@@ -9,15 +9,13 @@ Forward and forward+backward, median milliseconds.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench.timing import jax_median_ms, torch_median_ms
 
-from pallas_attn import flash_attn_func, sparse_attention
+from pallas_attn import sparse_attention
 
 
 def _fwd_bwd(f, dout):
