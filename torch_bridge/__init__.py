@@ -9,11 +9,34 @@ _jax_env.configure()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from torch_bridge import compat
+from torch_bridge import landmark  # noqa: F401  (registers ltriton.flash_landmark_attention with compat)
 from torch_bridge.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from torch_bridge.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                            flash_attn_varlen_qkvpacked_func)
+from torch_bridge.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
+                               fa2_qkvpacked_func_with_sink, fa2_varlen_func_with_sink,
+                               fa2_varlen_kvpacked_func_with_sink, fa2_varlen_qkvpacked_func_with_sink,
+                               fa3_func_with_sink, fa3_qkvpacked_func_with_sink,
+                               fa3_varlen_func_with_sink)
+from torch_bridge.sparse import SparseAttention, sparse_attention
 
 __all__ = [
     "compat",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "fa2_func_with_sink",
+    "fa2_kvpacked_func_with_sink",
+    "fa2_qkvpacked_func_with_sink",
+    "fa2_varlen_func_with_sink",
+    "fa2_varlen_kvpacked_func_with_sink",
+    "fa2_varlen_qkvpacked_func_with_sink",
+    "fa3_func_with_sink",
+    "fa3_qkvpacked_func_with_sink",
+    "fa3_varlen_func_with_sink",
+    "SparseAttention",
+    "sparse_attention",
 ]

@@ -1,0 +1,284 @@
+"""FlashAttention-2's varlen API on the torch face: flash-attn 2.8's names, arguments and returns.
+
+Sequences are packed along the token axis: sequence s owns rows [cu_seqlens[s], cu_seqlens[s + 1]).
+Two custom ops carry the work (`pallas_attn::flash_attn_varlen_fwd` / `flash_attn_varlen_bwd`,
+backed by pallas_attn.flash's jitted forward and backward with the offsets as operands); the public
+functions only check the offsets, unpack packed layouts and shape the return value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+from pallas_attn import checks, flash
+from pallas_attn.flash_attn_varlen import prepare_varlen
+from torch_bridge import _dlpack, _ops, compat
+from torch_bridge.flash_attn import _require_tensor, _window
+
+_FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+            "int max_seqlen_k, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, bool causal, "
+            "int window_left, int window_right, float softcap")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Offsets:
+  """cu_seqlens as the cached spec sees them: shape and dtype only.
+
+  Their values never key a compiled kernel, so pallas_attn's checks must treat them as they treat
+  a tracer under jit: numpy conversion fails, and the value checks are skipped.
+  """
+  shape: tuple
+  dtype: Any
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __array__(self, *_, **__):
+    raise TypeError("cu_seqlens values are not part of the static configuration")
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
+          window_right, softcap):
+  """The kernel spec of one static configuration, validated by pallas_attn's own checks.
+
+  shapes/dtypes: of (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes), None where absent.
+  """
+  names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
+  metas = [None if s is None else (tuple(s), _dlpack.jax_dtype(n, d))
+           for n, s, d in zip(names, shapes, dtypes)]
+  q, k, v = (jax.ShapeDtypeStruct(*m) for m in metas[:3])
+  cu_q, cu_k = (_Offsets(*m) for m in metas[3:5])
+  alibi_slopes = None if metas[5] is None else np.zeros(*metas[5])
+  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                     softmax_scale, causal, (window_left, window_right), softcap,
+                                     alibi_slopes)
+  return kernel_spec, None  # (spec, tile configs: None = the tuned table)
+
+
+def _static(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
+            softmax_scale, causal, window_left, window_right, softcap, *_):
+  tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+  return _spec(tuple(None if t is None else t.shape for t in tensors),
+               tuple(None if t is None else t.dtype for t in tensors),
+               max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left, window_right,
+               softcap)
+
+
+def _alibi_rows(alibi_slopes, q, cu_seqlens_q):
+  """(nheads,) or (batch, nheads) slopes as the kernels' (batch, nheads, 1) rows."""
+  if alibi_slopes is None:
+    return None
+  return alibi_slopes.expand(cu_seqlens_q.shape[0] - 1, q.shape[1]).unsqueeze(-1)
+
+
+def _fwd_outputs(q, *_):
+  total, h, _ = q.shape
+  return [(q.shape, q.dtype), ((h, total), torch.float32)]
+
+
+def _fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *_):
+  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k
+
+
+def _bwd_outputs(dout, dlse, q, k, v, *_):
+  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype)]
+
+
+def _bwd_static(dout, dlse, *args):
+  return _static(*args)
+
+
+def _bwd_operands(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes,
+                 *rest):
+  out, lse = rest[-2:]
+  if dout is None:  # only lse was used downstream
+    dout = torch.zeros_like(out)
+  return (q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, out, lse,
+          dout, dlse)
+
+
+# pallas_attn.flash takes the offsets after its static arguments; these put them in the bridge's
+# order (operands, outputs, static). The jitted callees do the donating.
+def _forward_into(q, k, v, alibi, cu_q, cu_k, out, lse, kernel_spec, cfgs):
+  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs, None, (cu_q, cu_k))
+
+
+def _forward(q, k, v, alibi, cu_q, cu_k, kernel_spec, cfgs):
+  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, (cu_q, cu_k))
+
+
+def _backward_into(q, k, v, alibi, cu_q, cu_k, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs):
+  return flash.backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs, None,
+                             (cu_q, cu_k))
+
+
+def _backward(q, k, v, alibi, cu_q, cu_k, out, lse, dout, dlse, kernel_spec, cfgs):
+  return flash.backward(q, k, v, alibi, out, lse, dout, dlse, kernel_spec, cfgs, None, (cu_q, cu_k))
+
+
+_fwd = _ops.kernel_op(
+    "flash_attn_varlen_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)",
+    kernel=_dlpack.Kernel(into=_forward_into, plain=_forward),
+    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
+
+_bwd = _ops.kernel_op(
+    "flash_attn_varlen_bwd",
+    f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
+    "-> (Tensor, Tensor, Tensor)",
+    kernel=_dlpack.Kernel(into=_backward_into, plain=_backward),
+    outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
+
+_varlen_op = _ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
+
+
+def _require_offsets(name, cu):
+  """cu_seqlens must be int32 tensors, as in flash-attn (whose kernels read them as int32)."""
+  if not isinstance(cu, torch.Tensor):
+    raise TypeError(f"{name}: expected an int32 torch.Tensor of shape (batch + 1,), "
+                    f"got {type(cu).__name__}")
+  if cu.dtype != torch.int32:
+    raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype} (convert with .int())")
+
+
+def _require_max_seqlen(name, value):
+  # The bound sizes the kernel grid, so it has to be known on the host: a Python int.
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}: expected a positive Python int, got {value!r}")
+  return int(value)
+
+
+def _check_offset_values(names, cu_seqlens, totals, max_seqlens):
+  """The offsets' values against the row counts and max_seqlen bounds, where that costs no sync.
+
+  CUDA offsets are not read back (a device-to-host copy per call; flash-attn does not check them
+  either), nor are offsets being traced by torch.compile.
+  """
+  if torch.compiler.is_compiling() or any(cu.device.type != "cpu" for cu in cu_seqlens):
+    return
+  batch = None
+  for (cu_name, max_name), cu, total, bound in zip(names, cu_seqlens, totals, max_seqlens):
+    values = cu.detach().numpy()
+    batch = checks.check_cu_seqlens(cu_name, values, total, batch)
+    checks.check_max_seqlen(max_name, bound, values)
+
+
+def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names):
+  """Checks what the op schema cannot say well; returns the max_seqlen bounds as ints.
+
+  names: the caller's argument names ((cu_q, max_q), (cu_k, max_k)); the packed-qkv form has
+  a single cu_seqlens and max_seqlen.
+  """
+  _require_tensor("q", q, "(total_q, nheads, headdim)")
+  _require_tensor("k", k, "(total_k, nheads_k, headdim)")
+  _require_tensor("v", v, "(total_k, nheads_k, headdim)")
+  (cu_q_name, max_q_name), (cu_k_name, max_k_name) = names
+  _require_offsets(cu_q_name, cu_seqlens_q)
+  _require_offsets(cu_k_name, cu_seqlens_k)
+  max_q = _require_max_seqlen(max_q_name, max_seqlen_q)
+  max_k = _require_max_seqlen(max_k_name, max_seqlen_k)
+  if q.dim() == 3 and k.dim() == 3:
+    _check_offset_values(names, (cu_seqlens_q, cu_seqlens_k), (q.shape[0], k.shape[0]),
+                         (max_q, max_k))
+  return max_q, max_k
+
+
+_NAMES = (("cu_seqlens_q", "max_seqlen_q"), ("cu_seqlens_k", "max_seqlen_k"))
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table,
+            names=_NAMES):
+  if block_table is not None:
+    # flash-attn's paged varlen path is forward-only; pallas_attn has no paged varlen kernel yet.
+    raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
+  max_q, max_k = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
+  if alibi_slopes is not None:
+    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+  left, right = _window(window_size)
+  out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes,
+                        float(dropout_p), None if softmax_scale is None else float(softmax_scale),
+                        bool(causal), left, right, float(softcap))
+  if return_attn_probs:
+    # S_dmask only carries information with dropout, which is not supported yet.
+    return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
+  return out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+  """flash_attn_func over sequences packed along the token axis.
+
+  Sequence s owns query rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and key rows
+  [cu_seqlens_k[s], cu_seqlens_k[s + 1]); causal masks and windows are aligned to the bottom-right
+  corner of each sequence's own score matrix. An empty sequence is allowed; a query row that sees no
+  key gives out 0 and softmax_lse +inf.
+
+  Arguments:
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads a multiple of nheads_k.
+      float16, bfloat16 or float32, all on one device (CUDA: the current device; CPU tensors run the
+      kernels in Pallas interpret mode). headdim <= 256.
+    cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets, starting at 0 and non-decreasing
+      (values are checked for CPU tensors only).
+    max_seqlen_q, max_seqlen_k: Python ints >= every sequence length. They are rounded up to a power
+      of two for the compiled kernel, so a new value recompiles only when it crosses one.
+    dropout_p: must be 0.0 for now (dropout raises NotImplementedError).
+    softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as flash_attn_func;
+      alibi_slopes (nheads,) or (batch, nheads) float32.
+    return_attn_probs: also return softmax_lse and S_dmask.
+    block_table: paged keys/values; raises NotImplementedError.
+  Returns:
+    out (total_q, nheads, headdim), or with return_attn_probs (out, softmax_lse, S_dmask):
+    softmax_lse (nheads, total_q) float32 (differentiable), S_dmask an empty tensor.
+  """
+  del deterministic
+  return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                 block_table)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+  """flash_attn_varlen_func with qkv (total, 3, nheads, headdim) and one set of offsets.
+
+  The gradient of qkv comes back as one (total, 3, nheads, headdim) tensor.
+  """
+  del deterministic
+  _require_tensor("qkv", qkv, "(total, 3, nheads, headdim)")
+  if qkv.dim() != 4 or qkv.shape[1] != 3:
+    raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
+  q, k, v = qkv.unbind(1)
+  names = (("cu_seqlens", "max_seqlen"),) * 2
+  return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                 causal, window_size, softcap, alibi_slopes, return_attn_probs, None, names)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False):
+  """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim); same arguments and returns."""
+  del deterministic
+  _require_tensor("kv", kv, "(total_k, 2, nheads_k, headdim)")
+  if kv.dim() != 4 or kv.shape[1] != 2:
+    raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+  k, v = kv.unbind(1)
+  return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, None)
+
+
+_PUBLIC = dict(flash_attn_varlen_func=flash_attn_varlen_func,
+               flash_attn_varlen_qkvpacked_func=flash_attn_varlen_qkvpacked_func,
+               flash_attn_varlen_kvpacked_func=flash_attn_varlen_kvpacked_func)
+compat.register("flash_attn", **_PUBLIC)
+compat.register("flash_attn.flash_attn_interface", **_PUBLIC)

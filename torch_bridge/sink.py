@@ -1,0 +1,395 @@
+"""Attention sinks (MagiAttention's extension) on the torch face: the fa2_* and fa3_*_with_sink functions.
+
+Signatures and returns are pallas_attn/sink.py's, less the JAX-only `dropout_key`. With a sink, two
+pairs of custom ops carry the work (`pallas_attn::flash_attn_sink_fwd` / `_bwd` and
+`flash_attn_varlen_sink_fwd` / `_bwd`): the dense and varlen flash ops' arguments followed by the
+sink in its public layout and the layout's name. Their jitted JAX forms convert the sink to the
+kernels' layout and dsink back inside the one call, so torch sees public layouts only. Without a sink
+the functions call the plain flash and varlen ops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from pallas_attn import flash, sink as jax_sink
+from torch_bridge import _dlpack, _ops, compat
+from torch_bridge import flash_attn as bridge_fa
+from torch_bridge import flash_attn_varlen as bridge_varlen
+from torch_bridge.flash_attn import _require_tensor, _window
+
+# The sink ops extend the dense and varlen ops, so they reuse those modules' private pieces.
+# pylint: disable=protected-access
+
+_SINK_ARGS = "Tensor sink, str sink_layout"
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels: operands (q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, sink), cu_seqlens None when dense.
+
+
+def _seqlens(cu_q, cu_k):
+  return None if cu_q is None else (cu_q, cu_k)
+
+
+def _to_kernel_layout(sink, q, kernel_spec):
+  return jax_sink._kernel_sink(sink, kernel_spec.sink, q, kernel_spec.varlen)
+
+
+@functools.partial(jax.jit, static_argnums=(9, 10), donate_argnums=(7, 8))
+def _forward_into(q, k, v, alibi, cu_q, cu_k, sink, out, lse, kernel_spec, cfgs):
+  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs,
+                            _to_kernel_layout(sink, q, kernel_spec), _seqlens(cu_q, cu_k))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _forward(q, k, v, alibi, cu_q, cu_k, sink, kernel_spec, cfgs):
+  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, _to_kernel_layout(sink, q, kernel_spec),
+                       _seqlens(cu_q, cu_k))
+
+
+def _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs,
+                   into=None):
+  # The kernel layout is a transposition of the public one; its VJP maps dsink back.
+  ksink, to_public = jax.vjp(lambda s: _to_kernel_layout(s, q, kernel_spec), sink)
+  args = (q, k, v, alibi, out, lse, dout, dlse)
+  if into is None:
+    dq, dk, dv, dksink = flash.backward(*args, kernel_spec, cfgs, ksink, _seqlens(cu_q, cu_k))
+  else:
+    dq, dk, dv, dksink = flash.backward_into(*args, *into, kernel_spec, cfgs, ksink,
+                                             _seqlens(cu_q, cu_k))
+  return dq, dk, dv, to_public(dksink)[0]
+
+
+# dsink's buffer is never read, so jit would drop it (and its donation) without keep_unused; kept,
+# XLA writes the gradient straight into it and every output stays aliased.
+@functools.partial(jax.jit, static_argnums=(15, 16), donate_argnums=(11, 12, 13, 14),
+                   keep_unused=True)
+def _backward_into(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, dq, dk, dv, dsink,
+                   kernel_spec, cfgs):
+  del dsink
+  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs,
+                        into=(dq, dk, dv))
+
+
+@functools.partial(jax.jit, static_argnums=(11, 12))
+def _backward(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs):
+  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs)
+
+
+_FORWARD = _dlpack.Kernel(into=_forward_into, plain=_forward)
+_BACKWARD = _dlpack.Kernel(into=_backward_into, plain=_backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops: the dense and varlen flash ops' arguments, then `sink, sink_layout`.
+
+
+@functools.lru_cache(maxsize=1024)
+def _sink_spec(base, q_shape, sink_shape, sink_dtype, sink_layout, varlen):
+  """The flash spec `base` (spec, cfgs) with sinks, after pallas_attn's checks of the sink."""
+  kernel_spec, cfgs = base
+  if sink_dtype != torch.float32:
+    raise TypeError(f"sink: expected a float32 tensor, got {sink_dtype}")
+  q = jax.ShapeDtypeStruct(q_shape, jnp.float32)  # only its shape is read
+  # eval_shape runs the JAX face's own layout checks without computing anything.
+  jax.eval_shape(lambda s: jax_sink._kernel_sink(s, sink_layout, q, varlen),
+                 jax.ShapeDtypeStruct(tuple(sink_shape), jnp.float32))
+  return dataclasses.replace(kernel_spec, sink=sink_layout), cfgs
+
+
+def _dense_fwd_operands(q, k, v, alibi_slopes, *rest):
+  return q, k, v, bridge_fa._alibi_rows(alibi_slopes, q), None, None, rest[-2]
+
+
+def _varlen_fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
+  alibi = bridge_varlen._alibi_rows(alibi_slopes, q, cu_seqlens_q)
+  return q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, rest[-2]
+
+
+def _sink_op(name, base_args, base_static, base_outputs, fwd_operands, varlen):
+  """The differentiable op `name` (forward and backward) over `base_args` plus the sink."""
+  fwd_args = f"{base_args}, {_SINK_ARGS}"
+
+  def static(*args):
+    sink, sink_layout = args[-2:]
+    return _sink_spec(base_static(*args[:-2]), tuple(args[0].shape), tuple(sink.shape), sink.dtype,
+                      sink_layout, varlen)
+
+  def bwd_outputs(dout, dlse, q, k, v, *rest):
+    sink = rest[-4]  # rest ends with sink, sink_layout, out, lse
+    return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (sink.shape, torch.float32)]
+
+  def bwd_operands(dout, dlse, *args):
+    out, lse = args[-2:]
+    if dout is None:  # only lse was used downstream
+      dout = torch.zeros_like(out)
+    return (*fwd_operands(*args[:-2]), out, lse, dout, dlse)
+
+  fwd = _ops.kernel_op(
+      f"{name}_fwd", f"({fwd_args}) -> (Tensor, Tensor)", kernel=_FORWARD,
+      outputs=base_outputs, static=static, operands=fwd_operands)
+  bwd = _ops.kernel_op(
+      f"{name}_bwd",
+      f"(Tensor? dout, Tensor? dsoftmax_lse, {fwd_args}, Tensor out, Tensor softmax_lse) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      kernel=_BACKWARD, outputs=bwd_outputs, static=lambda dout, dlse, *args: static(*args[:-2]),
+      operands=bwd_operands)
+  return _ops.differentiable(fwd, bwd, wrt=("q", "k", "v", "sink"))
+
+
+_dense_sink_op = _sink_op("flash_attn_sink", bridge_fa._FWD_ARGS, bridge_fa._static,
+                          bridge_fa._fwd_outputs, _dense_fwd_operands, varlen=False)
+_varlen_sink_op = _sink_op("flash_attn_varlen_sink", bridge_varlen._FWD_ARGS, bridge_varlen._static,
+                           bridge_varlen._fwd_outputs, _varlen_fwd_operands, varlen=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the public functions
+
+
+def _check_sink(sink, sink_layout):
+  _require_tensor("sink", sink, "(s_sink, nheads) ('sh') or (..., s_sink, nheads) ('ssh')")
+  if sink_layout not in jax_sink.LAYOUTS:
+    raise ValueError(f"sink_layout: expected one of {jax_sink.LAYOUTS}, got {sink_layout!r}")
+
+
+def _options(softmax_scale, causal, window_size, softcap):
+  left, right = _window(window_size)
+  return (None if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
+          float(softcap))
+
+
+def _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
+           alibi_slopes):
+  """(out, lse) of dense attention with sinks; plain attention when sink is None."""
+  if sink is None:
+    out, lse, _ = bridge_fa._attention(q, k, v, dropout_p, softmax_scale, causal, window_size,
+                                       softcap, alibi_slopes, True)
+    return out, lse
+  _require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
+  _require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
+  _require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
+  _check_sink(sink, sink_layout)
+  if alibi_slopes is not None:
+    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+  return _dense_sink_op(q, k, v, alibi_slopes, float(dropout_p),
+                        *_options(softmax_scale, causal, window_size, softcap), sink, sink_layout)
+
+
+_VARLEN_NAMES = bridge_varlen._NAMES
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink, sink_layout,
+            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_table=None,
+            names=_VARLEN_NAMES):
+  """(out, lse) of varlen attention with sinks; plain varlen attention when sink is None."""
+  if sink is None:
+    out, lse, _ = bridge_varlen._varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                        softcap, alibi_slopes, True, block_table, names)
+    return out, lse
+  if block_table is not None:
+    raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
+  max_q, max_k = bridge_varlen._varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, names)
+  _check_sink(sink, sink_layout)
+  if alibi_slopes is not None:
+    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+  return _varlen_sink_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes,
+                         float(dropout_p), *_options(softmax_scale, causal, window_size, softcap),
+                         sink, sink_layout)
+
+
+def _fa2_return(out, lse, return_attn_probs):
+  if not return_attn_probs:
+    return out
+  # S_dmask only carries information with dropout, which the torch face does not support yet.
+  return out, lse, torch.empty(0, dtype=out.dtype, device=out.device)
+
+
+def _fa3_return(out, lse, return_attn_probs):
+  return (out, lse) if return_attn_probs else out
+
+
+def _unpack(name, packed, n, axis, layout):
+  _require_tensor(name, packed, layout)
+  if packed.dim() != axis + 3 or packed.shape[axis] != n:
+    raise ValueError(f"{name}: expected shape {layout}, got {tuple(packed.shape)}")
+  return packed.unbind(axis)
+
+
+# ------------------------------------------------------------------------------------------------
+# FlashAttention-2 family: every flash-attn argument, with sink and sink_layout after the tensors.
+
+
+def fa2_func_with_sink(q, k, v, sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
+                       causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                       deterministic=False, return_attn_probs=False):
+  """flash_attn_func plus attention sinks.
+
+  Each sink is an extra key per query head with a learnable raw logit (not scaled, capped, masked or
+  biased) and a zero value: it enters the softmax denominator and lse but not the output. A query row
+  that sees no key gives out 0 and lse = logsumexp of its sink logits.
+
+  Arguments:
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), as in
+      flash_attn_func.
+    sink: float32 logits, (s_sink, nheads) for sink_layout="sh" (shared by every row), or
+      (batch, seqlen_q, s_sink, nheads) for "ssh" (one set per query token); None = no sinks.
+      Differentiable; its gradient is float32.
+    dropout_p: must be 0.0 on the torch face (dropout raises NotImplementedError).
+    Other arguments as flash_attn_func.
+  Returns:
+    out (batch, seqlen_q, nheads, headdim), or with return_attn_probs (out, lse, S_dmask): lse
+    (batch, nheads, seqlen_q) float32 including the sinks, S_dmask an empty tensor.
+  """
+  del deterministic
+  out, lse = _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
+                    softcap, alibi_slopes)
+  return _fa2_return(out, lse, return_attn_probs)
+
+
+def fa2_kvpacked_func_with_sink(q, kv, sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
+                                causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                deterministic=False, return_attn_probs=False):
+  """fa2_func_with_sink with kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+  k, v = _unpack("kv", kv, 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+  return fa2_func_with_sink(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def fa2_qkvpacked_func_with_sink(qkv, sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
+                                 causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                 deterministic=False, return_attn_probs=False):
+  """fa2_func_with_sink with qkv (batch, seqlen, 3, nheads, headdim)."""
+  q, k, v = _unpack("qkv", qkv, 3, 2, "(batch, seqlen, 3, nheads, headdim)")
+  return fa2_func_with_sink(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def fa2_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
+                              causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False, block_table=None):
+  """flash_attn_varlen_func plus sinks: sink (s_sink, nheads) ("sh") or (total_q, s_sink, nheads)
+  ("ssh"). Returns out, or (out, lse (nheads, total_q) including the sinks, S_dmask)."""
+  del deterministic
+  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
+                     sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
+                     alibi_slopes, block_table)
+  return _fa2_return(out, lse, return_attn_probs)
+
+
+def fa2_varlen_kvpacked_func_with_sink(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
+                                       causal=False, window_size=(-1, -1), softcap=0.0,
+                                       alibi_slopes=None, deterministic=False,
+                                       return_attn_probs=False):
+  """fa2_varlen_func_with_sink with kv (total_k, 2, nheads_k, headdim)."""
+  k, v = _unpack("kv", kv, 2, 1, "(total_k, 2, nheads_k, headdim)")
+  return fa2_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
+                                   softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def fa2_varlen_qkvpacked_func_with_sink(qkv, cu_seqlens, max_seqlen, sink=None, sink_layout="sh",
+                                        dropout_p=0.0, softmax_scale=None, causal=False,
+                                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                        deterministic=False, return_attn_probs=False):
+  """fa2_varlen_func_with_sink with qkv (total, 3, nheads, headdim) and one set of offsets."""
+  del deterministic
+  q, k, v = _unpack("qkv", qkv, 3, 1, "(total, 3, nheads, headdim)")
+  out, lse = _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, sink, sink_layout,
+                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     names=(("cu_seqlens", "max_seqlen"),) * 2)
+  return _fa2_return(out, lse, return_attn_probs)
+
+
+# ------------------------------------------------------------------------------------------------
+# FlashAttention-3 family: FA3's arguments; those without a meaning here are refused by name.
+
+
+def fa3_func_with_sink(q, k, v, sink=None, sink_layout="sh", softmax_scale=None, causal=False,
+                       qv=None, q_descale=None, k_descale=None, v_descale=None,
+                       window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                       pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
+  """FA3's flash_attn_func plus sinks (see fa2_func_with_sink). Returns out, or (out, lse).
+
+  qv, the fp8 descales and attention_chunk != 0 raise NotImplementedError; num_splits, pack_gqa and
+  sm_margin are scheduling hints without effect here.
+  """
+  del num_splits, pack_gqa, deterministic, sm_margin
+  jax_sink._fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk)
+  out, lse = _dense(q, k, v, sink, sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  return _fa3_return(out, lse, return_attn_probs)
+
+
+def fa3_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              sink=None, sink_layout="sh", seqused_q=None, seqused_k=None,
+                              softmax_scale=None, causal=False, qv=None, q_descale=None,
+                              k_descale=None, v_descale=None, window_size=(-1, -1),
+                              attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None,
+                              deterministic=False, sm_margin=0, return_attn_probs=False):
+  """FA3's flash_attn_varlen_func plus sinks. Returns out, or (out, lse (nheads, total_q)).
+
+  seqused_q/seqused_k raise NotImplementedError, as the FA3-only inputs of fa3_func_with_sink.
+  """
+  del num_splits, pack_gqa, deterministic, sm_margin
+  jax_sink._fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk, seqused_q,
+                            seqused_k)
+  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
+                     sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  return _fa3_return(out, lse, return_attn_probs)
+
+
+def _split_fa3_qkv(qkv, num_heads_q):
+  """FA3's packed qkv: (b, s, 3, H, d), or (b, s, H + 2 * Hk, d) split [H | Hk | Hk] by num_heads_q."""
+  _require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim) or "
+                  "(batch, seqlen, nheads + 2 * nheads_k, headdim)")
+  if qkv.dim() == 5:
+    return _unpack("qkv", qkv, 3, 2, "(batch, seqlen, 3, nheads, headdim)")
+  if qkv.dim() != 4:
+    raise ValueError(f"qkv: expected a 4-D tensor (batch, seqlen, nheads + 2 * nheads_k, headdim) or "
+                     f"a 5-D one (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
+  if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int) or num_heads_q <= 0:
+    raise ValueError(f"num_heads_q: a 4-D qkv needs the number of query heads, got {num_heads_q!r}")
+  rest = qkv.shape[2] - num_heads_q
+  if rest <= 0 or rest % 2:
+    raise ValueError(f"qkv: expected nheads + 2 * nheads_k heads with nheads={num_heads_q}, "
+                     f"got {qkv.shape[2]} heads")
+  return qkv.split((num_heads_q, rest // 2, rest // 2), dim=2)
+
+
+def fa3_qkvpacked_func_with_sink(qkv, sink=None, sink_layout="sh", softmax_scale=None, causal=False,
+                                 q_descale=None, k_descale=None, v_descale=None,
+                                 window_size=(-1, -1), attention_chunk=0, softcap=0.0,
+                                 deterministic=False, num_heads_q=None, sm_margin=0,
+                                 return_attn_probs=False):
+  """fa3_func_with_sink with packed qkv: (batch, seqlen, 3, nheads, headdim), or
+  (batch, seqlen, nheads + 2 * nheads_k, headdim) split [nheads | nheads_k | nheads_k] by
+  num_heads_q. The gradient of qkv comes back as one tensor of qkv's shape."""
+  q, k, v = _split_fa3_qkv(qkv, num_heads_q)
+  return fa3_func_with_sink(q, k, v, sink, sink_layout, softmax_scale, causal, None, q_descale,
+                            k_descale, v_descale, window_size, attention_chunk, softcap,
+                            deterministic=deterministic, sm_margin=sm_margin,
+                            return_attn_probs=return_attn_probs)
+
+
+_FA2 = dict(fa2_func_with_sink=fa2_func_with_sink,
+            fa2_kvpacked_func_with_sink=fa2_kvpacked_func_with_sink,
+            fa2_qkvpacked_func_with_sink=fa2_qkvpacked_func_with_sink,
+            fa2_varlen_func_with_sink=fa2_varlen_func_with_sink,
+            fa2_varlen_kvpacked_func_with_sink=fa2_varlen_kvpacked_func_with_sink,
+            fa2_varlen_qkvpacked_func_with_sink=fa2_varlen_qkvpacked_func_with_sink)
+_FA3 = dict(fa3_func_with_sink=fa3_func_with_sink,
+            fa3_varlen_func_with_sink=fa3_varlen_func_with_sink,
+            fa3_qkvpacked_func_with_sink=fa3_qkvpacked_func_with_sink)
+# MagiAttention's import paths: `from extensions.fa3_interface_with_sink import fa3_func_with_sink`.
+compat.register("extensions")
+compat.register("extensions.fa2_interface_with_sink", **_FA2)
+compat.register("extensions.fa3_interface_with_sink", **_FA3)
