@@ -154,6 +154,10 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
   Function.__name__ = Function.__qualname__ = f"{name}_autograd"
 
   def call(*args):
+    # Under torch.compile the op's registered autograd serves: Dynamo cannot trace the
+    # autograd.Function when one tensor is passed twice (qkvpacked varlen: cu_seqlens_q is cu_seqlens_k).
+    if torch.compiler.is_compiling():
+      return fwd(*args)
     if torch.is_grad_enabled() and any(
         args[i] is not None and args[i].requires_grad for i in slots):
       return Function.apply(*args)
