@@ -6,13 +6,14 @@ set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false
-TESTS_S=${TESTS_S:-300}
+TESTS_S=${TESTS_S:-420}
 phase() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$SECONDS
   timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0))s"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-phase "$TESTS_S" python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider -rfEx --durations=15 tests \
+# -v names every test as it finishes, so a run cut off by its time limit still says what passed.
+phase "$TESTS_S" python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEx --durations=15 tests \
   > "$OUT/gpu_tests.log" 2>&1
-grep -v "^W0000\|^I0000" "$OUT/gpu_tests.log" | tail -45
+grep -E "FAILED|ERROR|XPASS|passed|failed" "$OUT/gpu_tests.log" | grep -v "^W0000\|^I0000" | tail -45
 if [ "${BENCH:-1}" = 1 ]; then
   phase 150 python3 -m bench.run --set headline --out "$OUT" --time-limit 130 \
     --exclude tokamax-triton tokamax-mosaic xla-reference 2>&1 | tail -14
