@@ -1,0 +1,307 @@
+"""Main job: every public API on one small problem, checked against the reference and timed.
+
+    python -m pallas_attn.demo [--cpu] [--problem small|large]
+
+On a GPU the kernels run through Triton on a larger problem; without one, Pallas interpret mode runs a
+tiny problem on the CPU. Each API is one `Entry` in `ENTRIES`; a new family adds one entry. An entry
+passes when its error against the float32 reference is at most 2x (outputs) or 3x (gradients) the error
+of the same reference computed in the input dtype, plus a few ulps (the rule of tests/numerics.py).
+Exit status 1 when any entry fails.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from pallas_attn.reference import attention_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  b: int
+  s: int
+  h: int
+  hk: int
+  d: int
+  dtype: str
+
+  def __str__(self):
+    return f"b={self.b} s={self.s} H={self.h} Hk={self.hk} d={self.d} {self.dtype}"
+
+
+PROBLEMS = {
+    "small": Problem(b=1, s=80, h=4, hk=2, d=64, dtype="float32"),
+    "large": Problem(b=2, s=1024, h=8, hk=2, d=128, dtype="bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One public API call. Inputs are a dict of named arrays; `wrt` names the differentiable ones.
+
+  ours(inputs) and reference(inputs, upcast) return the same tuple of outputs, named by `outputs`; an
+  output named "lse" may hold +inf (empty rows) and is compared on its finite part. Inputs are arrays
+  only (they become jit arguments); static values (max_seqlen, block sizes) belong in the closures.
+  An empty `wrt` makes a forward-only entry (kvcache).
+  """
+  name: str
+  make_inputs: Callable[[Problem, jax.Array], dict]
+  ours: Callable[[dict], tuple]
+  reference: Callable[[dict, bool], tuple]
+  wrt: tuple[str, ...]
+  outputs: tuple[str, ...] = ("out", "lse")
+
+
+def _normal(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.dtype(dtype))
+
+
+def _qkv_inputs(p: Problem, key, hk=None):
+  ks = jax.random.split(key, 3)
+  hk = p.hk if hk is None else hk
+  return dict(q=_normal(ks[0], (p.b, p.s, p.h, p.d), p.dtype),
+              k=_normal(ks[1], (p.b, p.s, hk, p.d), p.dtype),
+              v=_normal(ks[2], (p.b, p.s, hk, p.d), p.dtype))
+
+
+def _dense(name, hk_equals_h=False, alibi=False, **options):
+  """flash_attn_func with fixed options; ALiBi slopes (H,) become an extra non-differentiable input."""
+  def make(p, key):
+    x = _qkv_inputs(p, key, hk=p.h if hk_equals_h else None)
+    if alibi:
+      x["alibi_slopes"] = jnp.linspace(0.02, 0.3, p.h, dtype=jnp.float32)
+    return x
+
+  def ours(x):
+    out, lse, _ = flash_attn_func(x["q"], x["k"], x["v"], alibi_slopes=x.get("alibi_slopes"),
+                                  return_attn_probs=True, **options)
+    return out, lse
+
+  def reference(x, upcast):
+    return attention_reference(x["q"], x["k"], x["v"], alibi_slopes=x.get("alibi_slopes"),
+                               upcast=upcast, **options)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v"))
+
+
+def _qkvpacked(name, **options):
+  def make(p, key):
+    return dict(qkv=_normal(key, (p.b, p.s, 3, p.h, p.d), p.dtype))
+
+  def ours(x):
+    out, lse, _ = flash_attn_qkvpacked_func(x["qkv"], return_attn_probs=True, **options)
+    return out, lse
+
+  def reference(x, upcast):
+    qkv = x["qkv"]
+    return attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], upcast=upcast, **options)
+
+  return Entry(name, make, ours, reference, wrt=("qkv",))
+
+
+def _kvpacked(name, **options):
+  def make(p, key):
+    x = _qkv_inputs(p, key)
+    return dict(q=x["q"], kv=jnp.stack([x["k"], x["v"]], axis=2))
+
+  def ours(x):
+    out, lse, _ = flash_attn_kvpacked_func(x["q"], x["kv"], return_attn_probs=True, **options)
+    return out, lse
+
+  def reference(x, upcast):
+    kv = x["kv"]
+    return attention_reference(x["q"], kv[:, :, 0], kv[:, :, 1], upcast=upcast, **options)
+
+  return Entry(name, make, ours, reference, wrt=("q", "kv"))
+
+
+ENTRIES = [
+    _dense("flash_attn_func", hk_equals_h=True),
+    _dense("flash_attn_func causal", hk_equals_h=True, causal=True),
+    _dense("flash_attn_func window", hk_equals_h=True, window_size=(32, 8)),
+    _dense("flash_attn_func softcap", hk_equals_h=True, causal=True, softcap=5.0),
+    _dense("flash_attn_func alibi", hk_equals_h=True, causal=True, alibi=True),
+    _dense("flash_attn_func GQA", causal=True),
+    _qkvpacked("flash_attn_qkvpacked_func", causal=True),
+    _kvpacked("flash_attn_kvpacked_func", causal=True),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The tolerance rule (kept in step with tests/numerics.py; the package does not import its tests).
+
+_FLOOR_ULPS = {"float32": 32.0, "bfloat16": 1.0, "float16": 1.0}
+
+
+def _f32(x):
+  return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def _max_err(x, ref):
+  return float(np.max(np.abs(_f32(x) - _f32(ref)), initial=0.0))
+
+
+def _floor(ref, dtype):
+  scale = max(float(np.max(np.abs(_f32(ref)), initial=0.0)), 1.0)
+  return _FLOOR_ULPS[jnp.dtype(dtype).name] * float(jnp.finfo(dtype).eps) * scale
+
+
+@dataclasses.dataclass
+class Check:
+  name: str
+  err: float
+  lowp: float
+  atol: float
+  factor: float
+  note: str = ""
+
+  @property
+  def bound(self) -> float:
+    return self.factor * self.lowp + self.atol
+
+  @property
+  def ok(self) -> bool:
+    return not self.note and self.err <= self.bound
+
+
+def _check(name, ours, lowp, ref, factor, floor_dtype=None):
+  ours, lowp, ref = _f32(ours), _f32(lowp), _f32(ref)
+  dtype = floor_dtype or "float32"
+  if np.isnan(ours).any():
+    return Check(name, float("nan"), 0.0, 0.0, factor, note="NaN")
+  fin = np.isfinite(ref)
+  if not np.array_equal(np.isfinite(ours), fin):
+    return Check(name, float("inf"), 0.0, 0.0, factor, note="inf pattern differs")
+  lowp = np.where(np.isfinite(lowp), lowp, ref)
+  return Check(name, _max_err(ours[fin], ref[fin]), _max_err(lowp[fin], ref[fin]),
+               _floor(ref[fin], dtype), factor)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def _timed(fn, *args, iters: int) -> float:
+  """Median wall time in ms after one warm-up call (which compiles)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def run_entry(entry: Entry, problem: Problem, key, iters: int):
+  """(checks, forward ms, forward+backward ms or None for forward-only entries)."""
+  inputs = entry.make_inputs(problem, key)
+  diff = {n: inputs[n] for n in entry.wrt}
+  rest = {n: x for n, x in inputs.items() if n not in diff}
+
+  # Inputs travel as jit arguments, not closure constants (XLA would embed large arrays in the program).
+  def ours(d, r):
+    return entry.ours({**r, **d})
+
+  def reference(upcast):
+    return lambda d: entry.reference({**rest, **d}, upcast)
+
+  outs, vjp = jax.vjp(lambda d: ours(d, rest), diff)
+  cot_key = jax.random.fold_in(key, 1)
+  # A random cotangent for every output but lse: its gradient path is covered by the tests.
+  cts = tuple(jnp.zeros_like(o) if n == "lse" else _normal(jax.random.fold_in(cot_key, i), o.shape, o.dtype)
+              for i, (n, o) in enumerate(zip(entry.outputs, outs)))
+  refs = {}
+  for upcast in (True, False):
+    ref_outs, ref_vjp = jax.vjp(reference(upcast), diff)
+    ref_grads = ref_vjp(tuple(c.astype(o.dtype) for c, o in zip(cts, ref_outs)))[0] if diff else {}
+    refs[upcast] = (ref_outs, ref_grads)
+
+  checks = []
+  for n, o, lo, r in zip(entry.outputs, outs, refs[False][0], refs[True][0]):
+    checks.append(_check(n, o, lo, r, 2.0, "float32" if n == "lse" else o.dtype))
+  if diff:
+    grads = vjp(cts)[0]
+    for n in entry.wrt:
+      checks.append(_check("d" + n, grads[n], refs[False][1][n], refs[True][1][n], 3.0, grads[n].dtype))
+
+  t_fwd = _timed(jax.jit(ours), diff, rest, iters=iters)
+  t_all = None
+  if diff:
+    fwd_bwd = jax.jit(lambda d, r, c: jax.vjp(lambda d: ours(d, r), d)[1](c))
+    t_all = _timed(fwd_bwd, diff, rest, cts, iters=iters)
+  return checks, t_fwd, t_all
+
+
+def _backend_name(device) -> str:
+  if device.platform == "gpu" and os.environ.get("PALLAS_ATTN_INTERPRET", "0") in ("", "0"):
+    return "Pallas Triton lowering"
+  return "Pallas interpret mode"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m pallas_attn.demo", description=__doc__.splitlines()[0])
+  parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+  parser.add_argument("--problem", choices=sorted(PROBLEMS), default=None,
+                      help="problem size (default: large on a GPU, small on the CPU)")
+  args = parser.parse_args(argv)
+
+  device = jax.devices("cpu")[0] if args.cpu else jax.devices()[0]
+  problem = PROBLEMS[args.problem or ("large" if device.platform == "gpu" else "small")]
+  iters = 10 if device.platform == "gpu" else 2
+  print(f"jax {jax.__version__}; device: {device.platform} ({device.device_kind}); "
+        f"backend: {_backend_name(device)}")
+  print(f"problem: {problem}")
+  print("err = max|ours - float32 reference|; bound = 2x (outputs) or 3x (gradients) the error of the "
+        "reference computed in the input dtype, plus a few ulps; grad = the gradient closest to its bound\n")
+
+  header = (f"{'entry':28s} {'out err':>9s} {'bound':>9s} {'grad err':>9s} {'bound':>9s} "
+            f"{'fwd ms':>9s} {'fwd+bwd ms':>10s}  result")
+  print(header)
+  print("-" * len(header))
+  failures = []
+  key = jax.random.PRNGKey(0)
+  ctx = jax.default_device(device) if args.cpu else contextlib.nullcontext()
+  with ctx:
+    for i, entry in enumerate(ENTRIES):
+      try:
+        checks, t_fwd, t_all = run_entry(entry, problem, jax.random.fold_in(key, i), iters)
+      except Exception as e:  # one broken API must not hide the others' results
+        traceback.print_exc()
+        print(f"{entry.name:28s} raised {type(e).__name__}: {e}")
+        failures.append((entry.name, f"raised {type(e).__name__}"))
+        continue
+      out = checks[0]
+      grads = checks[len(entry.outputs):]
+      grad = max(grads, key=lambda c: c.err / c.bound) if grads else None
+      bad = [c for c in checks if not c.ok]
+      result = "ok" if not bad else "FAIL " + ", ".join(
+          f"{c.name}: {c.note or f'{c.err:.2e} > {c.factor:g}*{c.lowp:.2e}+{c.atol:.2e}'}" for c in bad)
+      grad_cols = f"{grad.err:9.2e} {grad.bound:9.2e}" if grad else f"{'-':>9s} {'-':>9s}"
+      t_all = f"{t_all:10.2f}" if t_all is not None else f"{'-':>10s}"
+      print(f"{entry.name:28s} {out.err:9.2e} {out.bound:9.2e} {grad_cols} {t_fwd:9.2f} {t_all}  {result}",
+            flush=True)
+      if bad:
+        failures.append((entry.name, result))
+
+  print()
+  if failures:
+    print(f"FAILED: {len(failures)} of {len(ENTRIES)} entries")
+    return 1
+  print(f"all {len(ENTRIES)} entries within tolerance")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
