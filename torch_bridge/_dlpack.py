@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import threading
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
@@ -105,6 +106,10 @@ def _import_fn():
   `_Importer` checks its result once per device (zero-copy, shape, device) and falls back to the
   public function on any mismatch or error.
   """
+  # Opt-in only: a full CPU test run once crashed (SIGSEGV) inside a kernel call whose operands came
+  # through this path, and the public import has not shown that.
+  if os.environ.get("TORCH_BRIDGE_FAST_DLPACK", "0") in ("", "0"):
+    return None
   try:
     from jax._src.lib import _jax as jaxlib  # pylint: disable=g-import-not-at-top
     from jax._src.lib import jaxlib_extension_version  # pylint: disable=g-import-not-at-top
