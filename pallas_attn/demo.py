@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
-from pallas_attn.reference import attention_reference
+from pallas_attn import (fa2_func_with_sink, flash_attn_func, flash_attn_kvpacked_func,
+                         flash_attn_qkvpacked_func, flash_attn_varlen_func, fused_landmark_attention,
+                         sparse_attention)
+from pallas_attn.reference import (attention_reference, landmark_attention_reference,
+                                   sparse_attention_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,105 @@ def _kvpacked(name, **options):
   return Entry(name, make, ours, reference, wrt=("q", "kv"))
 
 
+def _varlen(name, **options):
+  """Two sequences per batch row of unequal lengths, packed; the reference runs them one by one."""
+  def lengths(p):
+    cut = max(1, p.s // 3)
+    return [cut, p.s - cut] * p.b
+
+  def make(p, key):
+    x = _qkv_inputs(p, key)
+    return {n: a.reshape(p.b * p.s, *a.shape[2:]) for n, a in x.items()}
+
+  def ours(x):
+    lens = lengths(_problem_of(x))
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    out, lse, _ = flash_attn_varlen_func(x["q"], x["k"], x["v"], cu, cu, max(lens), max(lens),
+                                         return_attn_probs=True, **options)
+    return out, lse
+
+  def reference(x, upcast):
+    lens = lengths(_problem_of(x))
+    outs, lses, start = [], [], 0
+    for n in lens:
+      sl = slice(start, start + n)
+      o, l = attention_reference(x["q"][None, sl], x["k"][None, sl], x["v"][None, sl], upcast=upcast,
+                                 **options)
+      outs.append(o[0])
+      lses.append(l[0])
+      start += n
+    return jnp.concatenate(outs), jnp.concatenate(lses, axis=1)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v"))
+
+
+def _problem_of(x) -> Problem:
+  # Varlen entries recover the split from the packed shape: the demo's problems have b rows of s.
+  total = x["q"].shape[0]
+  for p in PROBLEMS.values():
+    if p.b * p.s == total:
+      return p
+  raise ValueError(f"no demo problem with {total} tokens")
+
+
+def _sink(name, **options):
+  def make(p, key):
+    x = _qkv_inputs(p, key)
+    x["sink"] = jax.random.normal(jax.random.fold_in(key, 7), (2, p.h), jnp.float32)
+    return x
+
+  def ours(x):
+    out, lse, _ = fa2_func_with_sink(x["q"], x["k"], x["v"], x["sink"], return_attn_probs=True,
+                                     **options)
+    return out, lse
+
+  def reference(x, upcast):
+    return attention_reference(x["q"], x["k"], x["v"], sink=x["sink"], upcast=upcast, **options)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v", "sink"))
+
+
+def _sparse(name, mode, ctx):
+  def make(p, key):
+    x = _qkv_inputs(p, key, hk=p.h)
+    return {n: a.reshape(p.b, p.s, p.h * p.d) for n, a in x.items()}
+
+  def heads(x):
+    return next(p.h for p in PROBLEMS.values() if p.h * p.d == x["q"].shape[-1])
+
+  def ours(x):
+    return (sparse_attention(x["q"], x["k"], x["v"], heads(x), mode, ctx),)
+
+  def reference(x, upcast):
+    return (sparse_attention_reference(x["q"], x["k"], x["v"], heads(x), mode, ctx, upcast=upcast),)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v"), outputs=("out",))
+
+
+def _landmark(name, block_size=16):
+  """(B, H, L, d) layout; one history block precedes the queries."""
+  def make(p, key):
+    ks = jax.random.split(key, 3)
+    lq = p.s
+    lk = lq + block_size
+    return dict(q=_normal(ks[0], (p.b, p.h, lq, p.d), p.dtype),
+                k=_normal(ks[1], (p.b, p.h, lk, p.d), p.dtype),
+                v=_normal(ks[2], (p.b, p.h, lk, p.d), p.dtype))
+
+  def is_mem(x):
+    return (jnp.arange(x["k"].shape[2]) % block_size) == block_size - 1
+
+  def ours(x):
+    return (fused_landmark_attention(x["q"], x["k"], x["v"], is_mem(x), block_size=block_size),)
+
+  def reference(x, upcast):
+    scale = x["q"].shape[-1] ** -0.5
+    return (landmark_attention_reference(x["q"], x["k"], x["v"], is_mem(x), scale, block_size,
+                                         upcast=upcast),)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v"), outputs=("out",))
+
+
 ENTRIES = [
     _dense("flash_attn_func", hk_equals_h=True),
     _dense("flash_attn_func causal", hk_equals_h=True, causal=True),
@@ -136,6 +238,11 @@ ENTRIES = [
     _dense("flash_attn_func GQA", causal=True),
     _qkvpacked("flash_attn_qkvpacked_func", causal=True),
     _kvpacked("flash_attn_kvpacked_func", causal=True),
+    _varlen("flash_attn_varlen_func causal", causal=True),
+    _sink("fa2_func_with_sink causal", causal=True),
+    _sparse("sparse_attention local", "local", 24),
+    _sparse("sparse_attention strided", "strided", 8),
+    _landmark("fused_landmark_attention"),
 ]
 
 
@@ -266,7 +373,7 @@ def main(argv=None) -> int:
   print("err = max|ours - float32 reference|; bound = 2x (outputs) or 3x (gradients) the error of the "
         "reference computed in the input dtype, plus a few ulps; grad = the gradient closest to its bound\n")
 
-  header = (f"{'entry':28s} {'out err':>9s} {'bound':>9s} {'grad err':>9s} {'bound':>9s} "
+  header = (f"{'entry':30s} {'out err':>9s} {'bound':>9s} {'grad err':>9s} {'bound':>9s} "
             f"{'fwd ms':>9s} {'fwd+bwd ms':>10s}  result")
   print(header)
   print("-" * len(header))
@@ -279,7 +386,7 @@ def main(argv=None) -> int:
         checks, t_fwd, t_all = run_entry(entry, problem, jax.random.fold_in(key, i), iters)
       except Exception as e:  # one broken API must not hide the others' results
         traceback.print_exc()
-        print(f"{entry.name:28s} raised {type(e).__name__}: {e}")
+        print(f"{entry.name:30s} raised {type(e).__name__}: {e}")
         failures.append((entry.name, f"raised {type(e).__name__}"))
         continue
       out = checks[0]
@@ -290,7 +397,7 @@ def main(argv=None) -> int:
           f"{c.name}: {c.note or f'{c.err:.2e} > {c.factor:g}*{c.lowp:.2e}+{c.atol:.2e}'}" for c in bad)
       grad_cols = f"{grad.err:9.2e} {grad.bound:9.2e}" if grad else f"{'-':>9s} {'-':>9s}"
       t_all = f"{t_all:10.2f}" if t_all is not None else f"{'-':>10s}"
-      print(f"{entry.name:28s} {out.err:9.2e} {out.bound:9.2e} {grad_cols} {t_fwd:9.2f} {t_all}  {result}",
+      print(f"{entry.name:30s} {out.err:9.2e} {out.bound:9.2e} {grad_cols} {t_fwd:9.2f} {t_all}  {result}",
             flush=True)
       if bad:
         failures.append((entry.name, result))
