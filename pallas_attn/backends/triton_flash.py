@@ -285,8 +285,8 @@ class _Blocks:
     return pl.BlockSpec((None, width, 1), lambda i, j, hh: (j, hh, 0))
 
 
-def _grid_dims(spec: AttentionSpec, q, seqlens):
-  """(number of sequences, rows per sequence upper bound for the grid) for either layout."""
+def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
+  """The grid's sequence axis: the batch, or the number of packed sequences."""
   if spec.varlen:
     return seqlens[0].shape[0] - 1
   return q.shape[0]
@@ -398,7 +398,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, *, spec: Attenti
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs, into)
   return pl.pallas_call(
       kernel,
-      grid=(n_q, _grid_dims(spec, q, seqlens), h),
+      grid=(n_q, _n_sequences(spec, q, seqlens), h),
       in_specs=in_specs,
       out_specs=out_specs,
       input_output_aliases=aliases,
@@ -551,7 +551,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
   reverse = _causal_like(spec.mask)
-  n_seq = _grid_dims(spec, q, seqlens)
+  n_seq = _n_sequences(spec, q, seqlens)
   seq_specs = [_whole(s) for s in seqlens] if spec.varlen else []
   seq_args = list(seqlens) if spec.varlen else []
 
