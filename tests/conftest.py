@@ -1,6 +1,8 @@
-"""Shared pytest set-up: the `gpu` marker and the import path for a plain checkout."""
+"""Shared pytest set-up: the `gpu` marker, the import path for a plain checkout, and a bound on the
+memory mappings that compiled executables pile up in one long test process."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -36,3 +38,29 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def on_gpu() -> bool:
   return has_gpu()
+
+
+# Every XLA:CPU executable (each interpret-mode kernel variant compiles one) holds on the order of 100
+# memory mappings until JAX's caches drop it. A full run compiles thousands, and once the process
+# reaches the kernel's vm.max_map_count (65530 by default) the next compile dies with SIGSEGV.
+# Clearing the caches whenever the count gets high keeps the run far from that limit; it costs only
+# recompiles of what later tests still use.
+_MAPS_PATH = "/proc/self/maps"
+_MAPS_HIGH = 20000
+
+
+def _mapping_count() -> int:
+  try:
+    with open(_MAPS_PATH, "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:  # not Linux: no such limit to stay under
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_mappings():
+  yield
+  if _mapping_count() > _MAPS_HIGH:
+    import jax
+    jax.clear_caches()
+    gc.collect()
