@@ -9,7 +9,8 @@ elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
 Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
 (b, H, sq, s_sink) for "ssh" ((H, total_q, s_sink) varlen; pallas_attn/sink.py has the public
 layouts); seqlens (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen, where q is (total_q, H, d),
-k/v (total_k, Hk, d) and lse (H, total_q); seed int32 (1,) for spec.dropout_p > 0.
+k/v (total_k, Hk, d) and lse (H, total_q); seed int32 (1,) for spec.dropout_p > 0; bias (like q's
+dtype) and keep, both (b, Hk, sq, sk), for spec.bias_mask (the bias gets a gradient, keep none).
 """
 from __future__ import annotations
 
@@ -39,75 +40,82 @@ def _configs(q, spec, cfgs):
   return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs)
 
 
-def _run_forward(q, k, v, alibi, sink, seqlens, seed, spec, cfgs, into=None):
+def _run_forward(q, k, v, alibi, opt, spec, cfgs, into=None):
+  """opt: the optional operands (sink, seqlens, seed, bias, keep), None where absent."""
   kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
   return tuple(_dispatch(
-      lambda q, k, v, alibi, sink, seqlens, seed, into, interpret: kernel(
-          q, k, v, alibi, sink, seqlens, seed, interpret=interpret, into=into),
-      q, k, v, alibi, sink, seqlens, seed, into))
+      lambda q, k, v, alibi, opt, into, interpret: kernel(
+          q, k, v, alibi, *opt, interpret=interpret, into=into),
+      q, k, v, alibi, opt, into))
 
 
-def _run_backward(q, k, v, alibi, sink, seqlens, seed, out, lse, dout, dlse, spec, cfgs, into=None):
+def _run_backward(q, k, v, alibi, opt, out, lse, dout, dlse, spec, cfgs, into=None):
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
   return tuple(_dispatch(
-      lambda q, k, v, out, lse, dout, dlse, alibi, sink, seqlens, seed, into, interpret: kernel(
-          q, k, v, out, lse, dout, dlse, alibi, sink, seqlens, seed, interpret=interpret, into=into),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, sink, seqlens, seed,
-      into))
+      lambda q, k, v, out, lse, dout, dlse, alibi, opt, into, interpret: kernel(
+          q, k, v, out, lse, dout, dlse, alibi, *opt, interpret=interpret, into=into),
+      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, opt, into))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def forward(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None,
-            seqlens=None, seed=None):
+            seqlens=None, seed=None, bias=None, keep=None):
   """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out like q, lse (b, H, sq) fp32 (+inf on empty rows)."""
-  return _run_forward(q, k, v, alibi, sink, seqlens, seed, spec, cfgs)
+  return _run_forward(q, k, v, alibi, (sink, seqlens, seed, bias, keep), spec, cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(8, 9))
 def backward(q, k, v, alibi, out, lse, dout, dlse, spec: AttentionSpec,
-             cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None, seed=None):
-  """dq, dk, dv (and dsink with sinks) for the cotangents dout of out and dlse of lse (None = 0)."""
-  return _run_backward(q, k, v, alibi, sink, seqlens, seed, out, lse, dout, dlse, spec, cfgs)
+             cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None, seed=None, bias=None,
+             keep=None):
+  """dq, dk, dv, then dsink with sinks or dbias with a dynamic mask, for the cotangents dout of out
+  and dlse of lse (None = 0)."""
+  return _run_backward(q, k, v, alibi, (sink, seqlens, seed, bias, keep), out, lse, dout, dlse, spec,
+                       cfgs)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=(4, 5))
 def forward_into(q, k, v, alibi, out, lse, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None,
-                 sink=None, seqlens=None, seed=None):
+                 sink=None, seqlens=None, seed=None, bias=None, keep=None):
   """forward() writing into the donated buffers out (like q) and lse fp32."""
-  return _run_forward(q, k, v, alibi, sink, seqlens, seed, spec, cfgs, into=(out, lse))
+  return _run_forward(q, k, v, alibi, (sink, seqlens, seed, bias, keep), spec, cfgs,
+                      into=(out, lse))
 
 
 @functools.partial(jax.jit, static_argnums=(11, 12), donate_argnums=(8, 9, 10))
 def backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, spec: AttentionSpec,
-                  cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None, seed=None):
+                  cfgs: tiles.KernelConfigs | None = None, sink=None, seqlens=None, seed=None,
+                  bias=None, keep=None):
   """backward() writing dq, dk, dv into the donated buffers (like q, k, v)."""
-  return _run_backward(q, k, v, alibi, sink, seqlens, seed, out, lse, dout, dlse, spec, cfgs,
-                       into=(dq, dk, dv))
+  return _run_backward(q, k, v, alibi, (sink, seqlens, seed, bias, keep), out, lse, dout, dlse, spec,
+                       cfgs, into=(dq, dk, dv))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def attention(q, k, v, alibi, spec: AttentionSpec, cfgs: tiles.KernelConfigs | None = None, sink=None,
-              seqlens=None, seed=None):
-  """Differentiable (out, lse); gradients flow to q, k, v and sink (ALiBi slopes get none)."""
-  return forward(q, k, v, alibi, spec, cfgs, sink, seqlens, seed)
+              seqlens=None, seed=None, bias=None, keep=None):
+  """Differentiable (out, lse); gradients flow to q, k, v, sink and bias (ALiBi slopes get none)."""
+  return forward(q, k, v, alibi, spec, cfgs, sink, seqlens, seed, bias, keep)
 
 
-def _attention_fwd(q, k, v, alibi, spec, cfgs, sink=None, seqlens=None, seed=None):
-  out, lse = forward(q, k, v, alibi, spec, cfgs, sink, seqlens, seed)
-  return (out, lse), (q, k, v, alibi, sink, seqlens, seed, out, lse)
+def _attention_fwd(q, k, v, alibi, spec, cfgs, sink=None, seqlens=None, seed=None, bias=None,
+                   keep=None):
+  out, lse = forward(q, k, v, alibi, spec, cfgs, sink, seqlens, seed, bias, keep)
+  return (out, lse), (q, k, v, alibi, sink, seqlens, seed, bias, keep, out, lse)
 
 
 def _attention_bwd(spec, cfgs, res, cts):
-  q, k, v, alibi, sink, seqlens, seed, out, lse = res
+  q, k, v, alibi, sink, seqlens, seed, bias, keep, out, lse = res
   dout, dlse = cts
-  grads = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs, sink, seqlens, seed)
+  grads = backward(q, k, v, alibi, out, lse, dout, dlse, spec, cfgs, sink, seqlens, seed, bias, keep)
   dalibi = None if alibi is None else jnp.zeros_like(alibi)
   dsink = None if sink is None else grads[3]
-  return grads[0], grads[1], grads[2], dalibi, dsink, None, None
+  dbias = None if bias is None else grads[3]
+  return grads[0], grads[1], grads[2], dalibi, dsink, None, None, dbias, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -181,3 +181,31 @@ def band_tiles(mask: BandMask, block_q: int, block_k: int, transposed: bool = Fa
     lo, flo, fhi, hi = (int(x) for x in bounds)
     out.append((sorted(set(range(lo, flo)) | set(range(fhi, hi))), list(range(flo, fhi))))
   return out
+
+
+def dynamic_tables(keep, mask, block_q: int, block_k: int, transposed: bool = False):
+  """Tile tables of a data-dependent element mask, per (batch, kv head), as traced arrays.
+
+  keep (b, hk, sq, sk): key j is visible to query i where keep > 0 and the rule `mask` allows it.
+  Returns (partial_num, partial_idx, full_num, full_idx) with the TileTables layout plus two leading
+  axes (b, hk): a tile with no visible element is listed nowhere, so the kernels never load it (nor
+  its slice of the mask), and a fully visible one skips the element test. This reads the whole mask
+  once (it is an input of that size anyway); the kernels then read only the tiles listed.
+  """
+  b, hk, sq, sk = keep.shape
+  n_q, n_k = -(-sq // block_q), -(-sk // block_k)
+  vis = (keep > 0) & mask.visible(jnp.arange(sq), jnp.arange(sk))
+  vis = jnp.pad(vis, ((0, 0), (0, 0), (0, n_q * block_q - sq), (0, n_k * block_k - sk)))
+  counts = jnp.sum(vis.reshape(b, hk, n_q, block_q, n_k, block_k), axis=(3, 5), dtype=jnp.int32)
+  if transposed:
+    counts = jnp.swapaxes(counts, -1, -2)
+  full = counts == block_q * block_k
+  partial = (counts > 0) & ~full
+  return (*_traced_lists(partial), *_traced_lists(full))
+
+
+def _traced_lists(sel):
+  # A stable sort of "not selected" puts each row's selected indices first, in ascending order.
+  num = jnp.sum(sel, axis=-1, dtype=jnp.int32)
+  idx = jnp.argsort(jnp.logical_not(sel), axis=-1, stable=True).astype(jnp.int32)
+  return num, idx

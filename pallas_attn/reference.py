@@ -21,8 +21,12 @@ def band_mask(mask: BandMask):
 
 
 def attention_logits(q, k, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None, upcast=True):
-  """(b, H, sq, sk) fp32 final logits t of SPEC section 0, -inf where masked."""
+                     alibi_slopes=None, upcast=True, bias=None, keep=None):
+  """(b, H, sq, sk) fp32 final logits t of SPEC section 0, -inf where masked.
+
+  bias: additive (b, H, sq, sk) term (after softcap, like ALiBi); keep: (b, H, sq, sk) bool, False
+  masks (both per query head; the dynamic-mask reference repeats its per-kv-head arrays).
+  """
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
@@ -35,13 +39,17 @@ def attention_logits(q, k, *, softmax_scale=None, causal=False, window_size=(-1,
     slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (b, h))
     dist = jnp.abs(jnp.arange(sq)[:, None] + (sk - sq) - jnp.arange(sk)[None, :])
     t = t - slopes[:, :, None, None] * dist
+  if bias is not None:
+    t = t + bias.astype(jnp.float32)
   visible = band_mask(band_from_window(sq, sk, causal, tuple(window_size)))
+  if keep is not None:
+    visible = visible & keep
   return jnp.where(visible, t, -jnp.inf)
 
 
 def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, upcast=True, sink=None, sink_layout="sh",
-                        dropout_p=0.0, dropout_keep=None):
+                        dropout_p=0.0, dropout_keep=None, bias=None, keep=None):
   """q (b, sq, H, d), k/v (b, sk, Hk, d) -> out (b, sq, H, d), lse (b, H, sq) fp32.
 
   sink: fp32 logits (s_sink, H) ("sh") or (b, sq, s_sink, H) ("ssh"); each is an extra key with a raw
@@ -57,7 +65,8 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
   v = jnp.repeat(v, h // hk, axis=2)
   precision = jax.lax.Precision.HIGHEST
   t = attention_logits(q, k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       softcap=softcap, alibi_slopes=alibi_slopes, upcast=upcast)
+                       softcap=softcap, alibi_slopes=alibi_slopes, upcast=upcast, bias=bias,
+                       keep=keep)
   lse = jax.nn.logsumexp(t, axis=-1)
   if sink is not None:
     z = jnp.asarray(sink, jnp.float32)
@@ -141,3 +150,32 @@ def sparse_attention_reference(q, k, v, heads: int, attn_mode: str, local_attn_c
   p = jax.nn.softmax(t, axis=-1)  # every row sees at least itself
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vh.dtype), vh, precision=jax.lax.Precision.HIGHEST)
   return out.reshape(b, n, e).astype(dtype)
+
+
+def dynamic_mask_reference(q, k, v, zoh, active_mask, *, softmax_scale=None, is_causal=False,
+                           softcap=0.0, upcast=True, dropout_p=0.0, dropout_keep=None):
+  """Flash dynamic mask attention (SPEC section 5): out (b, sq, H, d), lse (b, H, sq).
+
+  zoh and active_mask are (b, Hk, sq, sk), shared by the H / Hk query heads of each kv head: zoh is
+  added to the scaled (or softcapped) scores, and keys where active_mask <= 0 (or past the causal
+  diagonal) are masked.
+  """
+  group = q.shape[2] // k.shape[2]
+  bias = jnp.repeat(zoh.astype(jnp.float32) if upcast else zoh, group, axis=1)
+  keep = jnp.repeat(active_mask > 0, group, axis=1)
+  return attention_reference(q, k, v, softmax_scale=softmax_scale, causal=is_causal, softcap=softcap,
+                             upcast=upcast, dropout_p=dropout_p, dropout_keep=dropout_keep,
+                             bias=bias, keep=keep)
+
+
+def topk_mask_reference(zoh, keep_window_size, is_causal=False):
+  """The mask `active_mask=None` stands for: per row, the keep_window_size largest zoh entries among
+  the keys the causal rule allows (all ones when sk <= keep_window_size)."""
+  sq, sk = zoh.shape[-2:]
+  allowed = band_mask(band_from_window(sq, sk, is_causal, (-1, -1)))
+  if sk <= keep_window_size:
+    return jnp.broadcast_to(allowed, zoh.shape).astype(zoh.dtype)
+  scores = jnp.where(allowed, zoh.astype(jnp.float32), -jnp.inf)
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)
+  return ((rank < keep_window_size) & allowed).astype(zoh.dtype)

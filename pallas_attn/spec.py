@@ -25,6 +25,19 @@ class AttentionSpec:
   # lengths that size the grid, and each sequence gets the same band with its own lengths.
   varlen: bool = False
   dropout_p: float = 0.0  # > 0: the kernels take an int32 (1,) seed (see pallas_attn/dropout.py)
+  # Dynamic mask (SPEC section 5): an additive bias and an element mask (keep > 0), both
+  # (b, Hk, sq, sk) and shared by a kv head's query heads, read tile by tile; the tiles each program
+  # visits come from per-(batch, kv head) tables built from the mask (masking.dynamic_tables).
+  bias_mask: bool = False
+
+  def __post_init__(self):
+    if self.bias_mask and (self.mask.tabled or self.varlen or self.sink or self.alibi):
+      raise ValueError("bias_mask combines only with band masks, softcap and dropout")
+
+  @property
+  def tabled(self) -> bool:
+    """Whether kernels walk tile tables (static ones from the mask rule, or dynamic ones)."""
+    return self.mask.tabled or self.bias_mask
 
   @property
   def sq(self) -> int:

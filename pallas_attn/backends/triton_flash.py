@@ -94,7 +94,7 @@ def _table_loops(tables, tile, body, carry):
 
 def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=False):
   """Walks the tiles of the other axis that `tile` can see: band bounds, or tile tables."""
-  if mask.tabled:
+  if tables is not None:
     return _table_loops(tables, tile, body, carry)
   bounds = (mask.q_tiles if transposed else mask.kv_tiles)(tile, block_q, block_k)
   return _tile_loops(bounds, body, carry)
@@ -137,13 +137,16 @@ class _Refs:
   alibi: object
   sink: object
   seed: object
+  bias: object
+  keep: object
   tables: tuple | None
   outs: tuple
 
 
 def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -> _Refs:
   """Order of the optional inputs: cu_seqlens q and k, ALiBi slopes, sink logits, dropout seed, the
-  four tile tables; aliased output buffers sit between them and the outputs and are never read."""
+  dynamic mask's bias and keep arrays, the four tile tables; aliased output buffers sit between them
+  and the outputs and are never read."""
   pos = 0
 
   def take(n):
@@ -155,8 +158,9 @@ def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -
   alibi = take(1)[0] if spec.alibi else None
   sink = take(1)[0] if spec.sink and with_sink else None
   seed = take(1)[0] if spec.dropout_p > 0 else None
-  tables = take(4) if spec.mask.tabled else None
-  return _Refs(seqlens, alibi, sink, seed, tables, tuple(refs[-n_out:]))
+  bias, keep = take(2) if spec.bias_mask else (None, None)
+  tables = take(4) if spec.tabled else None
+  return _Refs(seqlens, alibi, sink, seed, bias, keep, tables, tuple(refs[-n_out:]))
 
 
 class _Dropout:
@@ -173,6 +177,36 @@ class _Dropout:
       return x
     kept = jnp.where(dropout.keep(self.state, rows, cols, self.p, transposed), x, 0.0)
     return kept * self.scale if scaled else kept
+
+
+class _BiasMask:
+  """Tiles of the dynamic mask's bias (exp2 domain) and keep test for one (batch, kv head)."""
+
+  def __init__(self, bias_ref, keep_ref):
+    self.bias_ref, self.keep_ref = bias_ref, keep_ref
+
+  def tile(self, r0, c0, row_ok, col_ok, masked: bool, transposed: bool = False):
+    """(bias, keep) of rows r0 + [0, bq) and columns c0 + [0, bk), as [bq, bk] or transposed.
+
+    keep is None on tiles the tables list as full: their mask slice is not even read.
+    """
+    at = (pl.ds(r0, row_ok.shape[0]), pl.ds(c0, col_ok.shape[0]))
+    bounds = (row_ok[:, None] & col_ok[None, :]) if masked else None
+    bias = _load(self.bias_ref.at[at], bounds, 0.0).astype(jnp.float32) * LOG2E
+    keep = _load(self.keep_ref.at[at], bounds, 0) > 0 if masked else None
+    if transposed:
+      bias = bias.T
+      keep = None if keep is None else keep.T
+    return bias, keep
+
+
+def _bias_mask(opt: _Refs):
+  return None if opt.bias is None else _BiasMask(opt.bias, opt.keep)
+
+
+def _visible(mask, dyn_keep, rows, cols, transposed=False):
+  vis = mask.visible(rows, cols, transposed=transposed)
+  return vis if dyn_keep is None else vis & dyn_keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +258,19 @@ def _sink_seed(z2, rows: int):
   return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
 
 
-def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False):
-  """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel)."""
+def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False, keep=None,
+                  kv_head_of=None):
+  """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel).
+
+  Dynamic tables (spec.bias_mask) are built from `keep` and blocked per (batch, kv head), the kv
+  head of grid index hh being kv_head_of(hh).
+  """
+  if spec.bias_mask:
+    arrays = list(masking.dynamic_tables(keep, spec.mask, cfg.block_q, cfg.block_k, transposed))
+    specs = [pl.BlockSpec((None, None, *a.shape[2:]),
+                          lambda i, j, hh, n=a.ndim: (j, kv_head_of(hh)) + (0,) * (n - 2))
+             for a in arrays]
+    return specs, arrays
   if not spec.mask.tabled:
     return [], []
   arrays = [jnp.asarray(a) for a in
@@ -284,6 +329,11 @@ class _Blocks:
   def alibi(self, width=None):
     return pl.BlockSpec((None, width, 1), lambda i, j, hh: (j, hh, 0))
 
+  def pairs(self, x, kv_head_of):
+    """(b, Hk, sq, sk) dynamic-mask arrays: the whole (sq, sk) matrix of one (batch, kv head)."""
+    return pl.BlockSpec((None, None, x.shape[2], x.shape[3]),
+                        lambda i, j, hh: (j, kv_head_of(hh), 0, 0))
+
 
 def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
   """The grid's sequence axis: the batch, or the number of packed sequences."""
@@ -319,6 +369,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
     drop = _Dropout(spec, opt.seed, batch, head, nheads)
+    dyn = _bias_mask(opt)
 
     def body(kv_tile, carry, masked):
       acc, m_i, l_i = carry
@@ -327,8 +378,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
       k = _load(k_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
       s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
+      keep = None
+      if dyn is not None:
+        bias, keep = dyn.tile(q_tile * bq, start, row_ok, cols < mask.sk, masked)
+        s = s + bias
       if masked:
-        s = jnp.where(mask.visible(rows, cols), s, -_INF)
+        s = jnp.where(_visible(mask, keep, rows, cols), s, -_INF)
       m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
       # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
       m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
@@ -358,12 +413,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
 
 
-def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, *, spec: AttentionSpec,
-            cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
+def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=None, *,
+            spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
   """out like q and lse fp32 (natural log; +inf on empty rows), batched or varlen layout.
 
-  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen. into: optional (out, lse) buffers
-  the results are written into (aliased, so a caller that donates them gets its own memory back).
+  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen. bias, keep: (b, Hk, sq, sk) for
+  spec.bias_mask. into: optional (out, lse) buffers the results are written into (aliased, so a
+  caller that donates them gets its own memory back).
   """
   d = q.shape[-1]
   dp = _compat.next_power_of_2(max(d, 16))
@@ -391,7 +447,11 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, *, spec: Attenti
   if spec.dropout_p > 0:
     in_specs.append(_whole(seed))
     args.append(seed)
-  table_specs, tables = _table_inputs(spec, cfg)
+  kv_of_head = lambda hh: hh // group
+  if spec.bias_mask:
+    in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
+    args += [bias, keep]
+  table_specs, tables = _table_inputs(spec, cfg, keep=keep, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
   out_specs = [blocks.heads(q), blocks.rows(out_shape[1])]
@@ -441,6 +501,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
     drop = _Dropout(spec, opt.seed, batch, head, nheads)
+    dyn = _bias_mask(opt)
 
     def body(kv_tile, dq, masked):
       start = kv_tile * bk
@@ -449,9 +510,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       k = _load(k_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
       v = _load(v_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
       s, th = scores.logits(_dot(q, k, trans_b=True), rows, cols)
+      keep = None
+      if dyn is not None:
+        bias, keep = dyn.tile(q_tile * bq, start, row_ok, cols < mask.sk, masked)
+        s = s + bias
       p = jnp.exp2(s - lse2[:, None])
       if masked:
-        p = jnp.where(mask.visible(rows, cols), p, 0.0)
+        p = jnp.where(_visible(mask, keep, rows, cols), p, 0.0)
       dpv = drop.apply(_dot(do, v, trans_b=True), rows, cols)
       ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
@@ -483,8 +548,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int, nheads: int):
-  opt = _split_refs(refs, spec, 2, with_sink=False)  # the sink gradient comes from the dQ pass
-  dk_ref, dv_ref = opt.outs
+  # The sink gradient comes from the dQ pass; the dynamic mask's bias gradient from this one.
+  opt = _split_refs(refs, spec, 3 if spec.bias_mask else 2, with_sink=False)
+  dk_ref, dv_ref = opt.outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
   dp = k_ref.shape[-1]
   kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -529,8 +595,52 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
 
       return _visit(mask, opt.tables, kv_tile, bq, bk, body, carry, transposed=True)
 
+    def biased_tile(q_tile, carry, masked):
+      # With a dynamic mask the query heads of the group go innermost: d bias sums over them, and
+      # the tile's bias and keep slices are read once for all of them.
+      start = q_tile * bq
+      rows = start + jnp.arange(bq)
+      rows_at = pl.ds(seq.q0 + start, bq)
+      row_ok = rows < mask.sq
+      q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
+      bias_t, keep_t = dyn.tile(start, kv_tile * bk, row_ok, col_ok, masked, transposed=True)
+      scores = _Scores(spec, mask, None)
+
+      def head(g, carry):
+        dk, dv, dbias_t = carry
+        drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads)
+        q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
+        do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
+        lse2 = _compat.load(lse_ref.at[g, rows_at], mask=row_ok, other=_INF) * LOG2E
+        delta = _compat.load(delta_ref.at[g, rows_at], mask=row_ok, other=0.0)
+        s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)
+        p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
+        if masked:
+          p_t = jnp.where(_visible(mask, keep_t, rows, cols, transposed=True), p_t, 0.0)
+        dv = dv + _dot(drop.apply(p_t, rows, cols, transposed=True).astype(do.dtype), do)
+        dp_t = drop.apply(_dot(v, do, trans_b=True), rows, cols, transposed=True)
+        dt_t = p_t * (dp_t - delta[None, :])  # d loss / d logit: also the bias gradient
+        dk = dk + _dot(scores.raw_grad(dt_t, th).astype(q.dtype), q)
+        return dk, dv, dbias_t + dt_t
+
+      dk, dv = carry
+      carry = (dk, dv, jnp.zeros((bk, bq), jnp.float32))
+      if group == 1:
+        dk, dv, dbias_t = head(jnp.int32(0), carry)
+      else:
+        dk, dv, dbias_t = lax.fori_loop(0, group, head, carry)
+      dbias_ref = opt.outs[2]
+      _store(dbias_ref.at[pl.ds(start, bq), pl.ds(kv_tile * bk, bk)],
+             dbias_t.T.astype(dbias_ref.dtype),
+             (row_ok[:, None] & col_ok[None, :]) if masked else None)
+      return dk, dv
+
     zeros = jnp.zeros((bk, dp), jnp.float32)
-    if group == 1:
+    dyn = _bias_mask(opt)
+    if dyn is not None:
+      dk, dv = _visit(mask, opt.tables, kv_tile, bq, bk, biased_tile, (zeros, zeros),
+                      transposed=True)
+    elif group == 1:
       dk, dv = head(jnp.int32(0), (zeros, zeros))
     else:
       dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -540,9 +650,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
 
-def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed=None, *,
-             spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
-  """dq, dk, dv in the input dtypes, and dsink (fp32, the layout of `sink`) when there are sinks.
+def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed=None, bias=None,
+             keep=None, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool,
+             into=None):
+  """dq, dk, dv in the input dtypes, then dsink (fp32, the layout of `sink`) when there are sinks,
+  or dbias (like bias, zero where masked) with the dynamic mask.
 
   into: optional (dq, dk, dv) buffers to write the gradients into.
   """
@@ -580,7 +692,10 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
       out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
   seed_specs, seed_args = ([_whole(seed)], [seed]) if spec.dropout_p > 0 else ([], [])
   in_specs, args = in_specs + seed_specs, args + seed_args
-  table_specs, tables = _table_inputs(spec, cfg)
+  if spec.bias_mask:
+    in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
+    args += [bias, keep]
+  table_specs, tables = _table_inputs(spec, cfg, keep=keep, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
@@ -609,21 +724,35 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
     in_specs.append(blocks.alibi(width=group))
     args.append(alibi)
   in_specs, args = in_specs + seed_specs, args + seed_args
-  table_specs, tables = _table_inputs(spec, cfg, transposed=True)
+  own_head = lambda hh: hh
+  if spec.bias_mask:
+    in_specs += [blocks.pairs(bias, own_head), blocks.pairs(keep, own_head)]
+    args += [bias, keep]
+  table_specs, tables = _table_inputs(spec, cfg, transposed=True, keep=keep, kv_head_of=own_head)
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [blocks.heads(k), blocks.heads(v)]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:])
-  dk, dv = pl.pallas_call(
+  if spec.bias_mask:
+    # Tiles the tables skip are never written: the gradient starts as zeros the kernel writes into.
+    aliases[len(args)] = len(out_specs)
+    in_specs.append(blocks.pairs(bias, own_head))
+    args.append(jnp.zeros(bias.shape, bias.dtype))
+    out_specs.append(blocks.pairs(bias, own_head))
+    out_shape.append(jax.ShapeDtypeStruct(bias.shape, bias.dtype))
+  dk, dv, *dbias = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group, nheads=h),
       grid=(n_k, n_seq, hk),
       in_specs=in_specs,
       out_specs=out_specs,
       input_output_aliases=aliases,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=out_shape,
       compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="pallas_attn_bwd_dkv",
   )(*args)
+  if spec.bias_mask:
+    return dq, dk, dv, dbias[0]
   if not spec.sink:
     return dq, dk, dv
   dsink = dsink[0]
