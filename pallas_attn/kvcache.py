@@ -1,0 +1,353 @@
+"""flash_attn_with_kvcache on the JAX face (SPEC section 1, KV cache): decoding against a cache.
+
+Three steps, each usable on its own (the torch face appends into its own tensors in place and runs
+the other two): `rotate` (rotary on q and the new keys, fp32 math rounded to the input dtype),
+`append` (a functional scatter of the new keys/values into the caches; under jit with the caches
+donated, XLA updates them in place) and `attend` (the split-KV decode kernel of
+backends/triton_decode.py over the updated cache, paged or not, plus the lse merge of its splits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_attn import _compat, checks
+from pallas_attn.backends import triton_decode
+from pallas_attn.flash import _dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+  """Everything static about one call (hashable: a jit static argument)."""
+  batch: int
+  sq: int
+  nheads: int
+  kv_heads: int
+  head_dim: int
+  s_new: int
+  paged: bool
+  capacity: int  # positions a batch row can address
+  rotary: bool
+  rotary_interleaved: bool
+  rotate_q_per_row: bool  # causal or windowed: query i sits at cache_seqlens + i
+  decode: triton_decode.DecodeSpec
+
+
+def _int32_vector(name: str, x, batch: int):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name}: expected an int32 array of shape ({batch},), got {type(x).__name__}")
+  if jnp.dtype(x.dtype) != jnp.int32:
+    raise TypeError(f"{name}: expected dtype int32, got {np.dtype(x.dtype)}")
+  if tuple(x.shape) != (batch,):
+    raise ValueError(f"{name}: expected shape ({batch},), got {tuple(x.shape)}")
+
+
+def _concrete(x):
+  """x's values as numpy when they are known now (not traced), else None."""
+  try:
+    return np.asarray(x)
+  except Exception:  # noqa: BLE001  (a tracer)
+    return None
+
+
+def _check_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, k_cache, rotary_cos,
+                  plan):
+  seqlens, leftpad = _concrete(cache_seqlens), _concrete(cache_leftpad)
+  if seqlens is not None and rotary_cos is not None:
+    need = int(np.max(seqlens)) + max(plan.s_new, plan.sq)
+    if rotary_cos.shape[0] < need:
+      raise ValueError(f"rotary_cos: expected at least {need} rows (cache_seqlens + the new tokens), "
+                       f"got {rotary_cos.shape[0]}")
+  if seqlens is not None:
+    if np.any(seqlens < 0) or np.any(seqlens + plan.s_new > plan.capacity):
+      raise ValueError(f"cache_seqlens: expected values in [0, {plan.capacity - plan.s_new}] (the cache "
+                       f"holds {plan.capacity} positions, {plan.s_new} are appended), got "
+                       f"{seqlens.tolist()}")
+    if leftpad is not None and np.any((leftpad < 0) | (leftpad > seqlens)):
+      raise ValueError(f"cache_leftpad: expected values in [0, cache_seqlens], got {leftpad.tolist()} "
+                       f"with cache_seqlens {seqlens.tolist()}")
+  idx = _concrete(cache_batch_idx) if cache_batch_idx is not None else None
+  if idx is not None and np.any((idx < 0) | (idx >= k_cache.shape[0])):
+    raise ValueError(f"cache_batch_idx: expected values in [0, {k_cache.shape[0]}), got {idx.tolist()}")
+  table = _concrete(block_table) if block_table is not None else None
+  if table is not None and np.any((table < 0) | (table >= k_cache.shape[0])):
+    raise ValueError(f"block_table: expected page indices in [0, {k_cache.shape[0]}) (k_cache's "
+                     "num_blocks)")
+
+
+def prepare(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+            alibi_slopes=None, num_splits=0) -> CachePlan:
+  """Validates every argument (errors name it) and returns the call's static plan."""
+  checks.require_array("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+  paged = block_table is not None
+  cache_layout = ("(num_blocks, page_block_size, nheads_k, headdim)" if paged
+                  else "(batch_size_cache, seqlen_cache, nheads_k, headdim)")
+  checks.require_array("k_cache", k_cache, 4, cache_layout)
+  checks.require_array("v_cache", v_cache, 4, cache_layout)
+  checks.require_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+  b, sq, h, d = q.shape
+  hk = k_cache.shape[2]
+  if sq == 0:
+    raise ValueError(f"q: expected seqlen_q >= 1, got shape {tuple(q.shape)}")
+  if not 0 < d <= checks.MAX_HEAD_DIM:
+    raise ValueError(f"q: expected head dim in [1, {checks.MAX_HEAD_DIM}], got {d}")
+  if k_cache.shape[3] != d:
+    raise ValueError(f"k_cache: expected head dim {d} (q's), got shape {tuple(k_cache.shape)}")
+  if tuple(v_cache.shape) != tuple(k_cache.shape):
+    raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (k_cache's), got {tuple(v_cache.shape)}")
+  if hk == 0 or h % hk != 0:
+    raise ValueError(f"k_cache: nheads ({h}) must be a multiple of nheads_k, got nheads_k={hk}")
+
+  if paged:
+    if cache_batch_idx is not None:
+      raise ValueError("cache_batch_idx: not supported with a paged cache (block_table maps batch rows "
+                       "to pages)")
+    if not hasattr(block_table, "shape") or not hasattr(block_table, "dtype"):
+      raise TypeError(f"block_table: expected an int32 array (batch, max_num_blocks_per_seq), got "
+                      f"{type(block_table).__name__}")
+    if jnp.dtype(block_table.dtype) != jnp.int32:
+      raise TypeError(f"block_table: expected dtype int32, got {np.dtype(block_table.dtype)}")
+    if block_table.ndim != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
+      raise ValueError(f"block_table: expected shape ({b}, max_num_blocks_per_seq), got "
+                       f"{tuple(block_table.shape)}")
+    page = k_cache.shape[1]
+    if not ((page >= 16 and page & (page - 1) == 0) or (page > 0 and page % 256 == 0)):
+      raise ValueError(f"k_cache: page_block_size must be a power of two >= 16 or a multiple of 256, "
+                       f"got {page}")
+    capacity = block_table.shape[1] * page
+  else:
+    page = capacity = k_cache.shape[1]
+    if capacity == 0:
+      raise ValueError(f"k_cache: expected seqlen_cache >= 1, got shape {tuple(k_cache.shape)}")
+    if cache_batch_idx is not None:
+      _int32_vector("cache_batch_idx", cache_batch_idx, b)
+    elif k_cache.shape[0] < b:
+      raise ValueError(f"k_cache: expected batch_size_cache >= batch ({b}) without cache_batch_idx, "
+                       f"got shape {tuple(k_cache.shape)}")
+
+  if (k is None) != (v is None):
+    raise ValueError(f"{'v' if k is not None else 'k'}: k and v must be given together")
+  s_new = 0
+  if k is not None:
+    checks.require_array("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
+    checks.require_array("v", v, 4, "(batch, seqlen_new, nheads_k, headdim)")
+    checks.require_same_dtype(q=q, k=k, v=v)
+    if k.shape[0] != b or k.shape[2:] != (hk, d):
+      raise ValueError(f"k: expected shape ({b}, seqlen_new, {hk}, {d}), got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+      raise ValueError(f"v: expected shape {tuple(k.shape)} (k's), got {tuple(v.shape)}")
+    if cache_seqlens is None:
+      raise ValueError("cache_seqlens: required when k and v are given (where to append them)")
+    s_new = k.shape[1]
+
+  if cache_seqlens is not None and not isinstance(cache_seqlens, (int, np.integer)):
+    _int32_vector("cache_seqlens", cache_seqlens, b)
+  if cache_leftpad is not None:
+    _int32_vector("cache_leftpad", cache_leftpad, b)
+
+  rotary = rotary_cos is not None or rotary_sin is not None
+  if rotary:
+    if rotary_cos is None or rotary_sin is None:
+      raise ValueError(f"{'rotary_sin' if rotary_cos is not None else 'rotary_cos'}: rotary_cos and "
+                       "rotary_sin must be given together")
+    if k is None:
+      raise ValueError("rotary_cos: rotary embedding needs the new keys k and v (it rotates them)")
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+      if not hasattr(x, "shape") or x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (seqlen_ro, rotary_dim / 2), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating dtype, got {np.dtype(x.dtype)}")
+    if tuple(rotary_sin.shape) != tuple(rotary_cos.shape):
+      raise ValueError(f"rotary_sin: expected shape {tuple(rotary_cos.shape)} (rotary_cos'), got "
+                       f"{tuple(rotary_sin.shape)}")
+    if not 0 < 2 * rotary_cos.shape[1] <= d:
+      raise ValueError(f"rotary_cos: rotary_dim = 2 * rotary_cos.shape[1] must be in [2, headdim={d}], "
+                       f"got {2 * rotary_cos.shape[1]}")
+
+  checks.check_options(dropout_p=0.0, softmax_scale=softmax_scale, window_size=window_size,
+                       softcap=softcap, alibi_slopes=alibi_slopes, batch=b, nheads=h)
+  if not isinstance(num_splits, (int, np.integer)) or num_splits < 0:
+    raise ValueError(f"num_splits: expected an int >= 0 (0 = heuristic), got {num_splits!r}")
+
+  left, right = (int(w) for w in window_size)
+  if causal:
+    right = 0
+  dp = _compat.next_power_of_2(max(d, 16))
+  block_m, block_k = triton_decode.choose_blocks(sq * (h // hk), dp, page, paged, capacity)
+  n_m = -(-(sq * (h // hk)) // block_m)
+  splits = int(num_splits) or triton_decode.heuristic_splits(b, hk, n_m, capacity, block_k)
+  decode = triton_decode.DecodeSpec(
+      sq=sq, group=h // hk, head_dim=d,
+      scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d),
+      softcap=float(softcap), alibi=alibi_slopes is not None,
+      left=None if left < 0 else left, right=None if right < 0 else right,
+      page_size=page, max_pages=block_table.shape[1] if paged else 1, num_splits=splits,
+      block_m=block_m, block_k=block_k)
+  plan = CachePlan(batch=b, sq=sq, nheads=h, kv_heads=hk, head_dim=d, s_new=s_new, paged=paged,
+                   capacity=capacity, rotary=rotary, rotary_interleaved=bool(rotary_interleaved),
+                   rotate_q_per_row=causal or tuple(window_size) != (-1, -1), decode=decode)
+  _check_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, k_cache, rotary_cos, plan)
+  return plan
+
+
+def _rotary(x, cos, sin, positions, interleaved: bool):
+  """x (b, s, h, d) with its first rotary_dim features rotated at positions (b, s)."""
+  half = cos.shape[1]
+  # Out-of-range rows are rejected up front when the lengths are concrete; traced ones clamp.
+  c = jnp.take(cos.astype(jnp.float32), positions, axis=0, mode="clip")[:, :, None, :]  # (b, s, 1, half)
+  s = jnp.take(sin.astype(jnp.float32), positions, axis=0, mode="clip")[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  rot, rest = xf[..., :2 * half], xf[..., 2 * half:]
+  if interleaved:
+    pairs = rot.reshape(*rot.shape[:-1], half, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    rot = jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(rot.shape)
+  else:
+    a, b = rot[..., :half], rot[..., half:]
+    rot = jnp.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+  return jnp.concatenate([rot, rest], axis=-1).astype(x.dtype)
+
+
+def _positions(seqlens, n: int):
+  return seqlens[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+
+
+def rotate(q, k, rotary_cos, rotary_sin, seqlens, plan: CachePlan):
+  """(q, k) with rotary applied: new key j at row seqlens + j; queries at seqlens + i when causal or
+  windowed, else all at seqlens."""
+  if not plan.rotary:
+    return q, k
+  k = _rotary(k, rotary_cos, rotary_sin, _positions(seqlens, plan.s_new), plan.rotary_interleaved)
+  pos_q = _positions(seqlens, plan.sq)
+  if not plan.rotate_q_per_row:
+    pos_q = jnp.broadcast_to(seqlens[:, None], pos_q.shape)
+  q = _rotary(q, rotary_cos, rotary_sin, pos_q, plan.rotary_interleaved)
+  return q, k
+
+
+def slots(seqlens, cache_batch_idx, block_table, plan: CachePlan):
+  """(cache row or page, row within it), each (b, s_new): where the new keys of each batch row go."""
+  pos = _positions(seqlens, plan.s_new)
+  if plan.paged:
+    page = plan.decode.page_size
+    return jnp.take_along_axis(block_table, pos // page, axis=1), pos % page
+  rows = jnp.arange(plan.batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
+  return jnp.broadcast_to(rows[:, None], pos.shape), pos
+
+
+def append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, plan: CachePlan):
+  """The caches with k, v written at absolute positions seqlens + j (functional)."""
+  if plan.s_new == 0:
+    return k_cache, v_cache
+  rows, at = slots(seqlens, cache_batch_idx, block_table, plan)
+  return k_cache.at[rows, at].set(k, mode="drop"), v_cache.at[rows, at].set(v, mode="drop")
+
+
+def page_table(cache_batch_idx, block_table, plan: CachePlan):
+  """The kernel's flat (b * max_pages,) page table; a contiguous cache row is a single page."""
+  if plan.paged:
+    return block_table.reshape(-1)
+  if cache_batch_idx is None:
+    return jnp.arange(plan.batch, dtype=jnp.int32)
+  return cache_batch_idx
+
+
+def attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan):
+  """out (b, sq, H, d) and lse (b, H, sq) of q over cache positions [leftpad, end) of each row."""
+  b, sq, h, d = q.shape
+  hk, g = plan.kv_heads, plan.nheads // plan.kv_heads
+  spec = plan.decode
+  # Rows r = i * G + g of each kv head's group form the kernel's query tile.
+  qg = q.reshape(b, sq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * g, d)
+  alibi = None
+  if alibi_slopes is not None:
+    slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (b, h)).reshape(b, hk, 1, g)
+    alibi = jnp.broadcast_to(slopes, (b, hk, sq, g)).reshape(b, hk, sq * g)
+  kernel = functools.partial(triton_decode.decode, spec=spec)
+  out, lse = _dispatch(
+      lambda q, kc, vc, end, pad, table, alibi, interpret: kernel(
+          q, kc, vc, end, pad, table, alibi, interpret=interpret),
+      qg, k_cache, v_cache, end, leftpad, table, alibi)
+  if spec.num_splits > 1:
+    out, lse = triton_decode.merge(out, lse, q.dtype)
+  out = out.reshape(b, hk, sq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, sq, h, d)
+  lse = lse.reshape(b, hk, sq, g).transpose(0, 1, 3, 2).reshape(b, h, sq)
+  return out, lse
+
+
+def lengths(cache_seqlens, cache_leftpad, plan: CachePlan):
+  """(seqlens before the append, leftpad) as (b,) int32."""
+  b = plan.batch
+  if cache_seqlens is None:
+    seqlens = jnp.full((b,), plan.capacity, jnp.int32)
+  elif isinstance(cache_seqlens, (int, np.integer)):
+    seqlens = jnp.full((b,), int(cache_seqlens), jnp.int32)
+  else:
+    seqlens = cache_seqlens
+  leftpad = jnp.zeros((b,), jnp.int32) if cache_leftpad is None else cache_leftpad
+  return seqlens, leftpad
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, leftpad,
+         block_table, alibi_slopes, plan: CachePlan):
+  q_rot, k_rot = rotate(q, k, rotary_cos, rotary_sin, seqlens, plan)
+  k_cache, v_cache = append(k_cache, v_cache, k_rot, v, seqlens, cache_batch_idx, block_table, plan)
+  out, lse = attend(q_rot, k_cache, v_cache, seqlens + plan.s_new, leftpad,
+                    page_table(cache_batch_idx, block_table, plan), alibi_slopes, plan)
+  return out, lse, k_cache, v_cache
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                            softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+  """Attention of q over a KV cache, after appending the new keys/values k, v to it. Forward only.
+
+  The new keys (rotated first, with rotary) and values are written at absolute positions
+  cache_seqlens[b] + j; then row b attends to cache positions [cache_leftpad[b], cache_seqlens[b] +
+  seqlen_new), i.e. logical keys 0 .. sk_b - 1 with sk_b = cache_seqlens[b] - cache_leftpad[b] +
+  seqlen_new. causal / window_size / ALiBi act on those logical indices, bottom-right aligned as in
+  flash_attn_func (seqlen_q=2, sk=5 causal: 1 1 1 1 0 / 1 1 1 1 1; rows with nothing visible give
+  out 0 and lse +inf). MQA/GQA: query head h reads kv head h // (nheads / nheads_k).
+
+  Arguments:
+    q: (batch, seqlen_q, nheads, headdim).
+    k_cache, v_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim), or with block_table
+      (num_blocks, page_block_size, nheads_k, headdim); page_block_size a power of two >= 16 or a
+      multiple of 256. Same dtype as q.
+    k, v: optional (batch, seqlen_new, nheads_k, headdim) new keys/values to append.
+    rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2); rotary_dim <= headdim. Rotate the
+      new keys at rows cache_seqlens + j, and q at rows cache_seqlens + i when causal or windowed,
+      else all at cache_seqlens; computed in fp32, rounded to q's dtype. Needs k and v.
+    cache_seqlens: int or (batch,) int32, the cache length before the append (leftpad included);
+      None means the whole cache is valid (then k and v must be None).
+    cache_batch_idx: optional (batch,) int32 cache row of each batch row (not with block_table).
+    cache_leftpad: optional (batch,) int32 first valid position of each row.
+    block_table: optional (batch, max_num_blocks_per_seq) int32; position p of row b lives in page
+      block_table[b, p // page_block_size], row p % page_block_size.
+    softmax_scale, causal, window_size, softcap, alibi_slopes: as in flash_attn_func.
+    rotary_interleaved: True: GPT-J pairs (2r, 2r + 1); False: GPT-NeoX pairs (r, r + rotary_dim / 2).
+    num_splits: 0 = heuristic, 1 = no split, n = split each row's keys n ways (merged by lse).
+    return_softmax_lse: also return lse (batch, nheads, seqlen_q) fp32.
+  Returns:
+    (result, k_cache, v_cache): result is out (batch, seqlen_q, nheads, headdim), or (out, lse) with
+    return_softmax_lse; the caches come back updated (JAX arrays are immutable: donate them under
+    jit, e.g. jax.jit(f, donate_argnums=...), to update them in place).
+  """
+  plan = prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                 cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                 rotary_interleaved, alibi_slopes, num_splits)
+  seqlens, leftpad = lengths(cache_seqlens, cache_leftpad, plan)
+  out, lse, k_cache, v_cache = _run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens,
+                                    cache_batch_idx, leftpad, block_table, alibi_slopes, plan=plan)
+  return ((out, lse) if return_softmax_lse else out), k_cache, v_cache
