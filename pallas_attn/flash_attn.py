@@ -48,15 +48,23 @@ def dropout_seed(dropout_p, dropout_key):
   return dropout.seed_from_key(dropout_key)
 
 
+def signed_probs(t, lse, seed, dropout_p: float):
+  """P = exp(t - lse) for logits t (b, H, sq, sk), negated where the kernels' keep mask drops.
+
+  Coordinates are (batch index, head, row, column) of t, the ones the kernels hash, so a varlen
+  caller passes per-sequence padded logits. A dropped zero (masked or empty row) comes out as -0.0.
+  """
+  p = jnp.exp(t - lse[..., None])
+  keep = dropout.dense_keep(seed, *t.shape, dropout_p)
+  return jnp.where(keep, p, -p)
+
+
 def s_dmask(q, k, lse, spec: AttentionSpec, alibi, seed):
   """(b, H, sq, sk) debugging output: P (from the kernel's lse) with dropped entries negated."""
   t = attention_logits(q, k, softmax_scale=spec.scale, causal=False,
                        window_size=_window_of(spec.mask), softcap=spec.softcap,
                        alibi_slopes=None if alibi is None else alibi[:, :, 0])
-  p = jnp.exp(t - lse[..., None])
-  b, h = q.shape[0], q.shape[2]
-  keep = dropout.dense_keep(seed, b, h, q.shape[1], k.shape[1], spec.dropout_p)
-  return lax.stop_gradient(jnp.where(keep, p, -p)).astype(q.dtype)
+  return lax.stop_gradient(signed_probs(t, lse, seed, spec.dropout_p)).astype(q.dtype)
 
 
 def _window_of(mask):

@@ -4,16 +4,25 @@ Sequence s owns rows [cu_seqlens[s], cu_seqlens[s + 1]) and gets its own bottom-
 alignment and window. The kernels read the offsets themselves (no padding, no Python loop), and
 max_seqlen is rounded up to a power of two before it reaches the compiled kernel, so a new value
 recompiles only when it crosses a power of two.
+
+Dropout hashes (sequence index, head, row, column) with rows and columns counted within the
+sequence, exactly as the dense face hashes (batch, head, i, j); S_dmask is therefore returned per
+sequence, padded to (batch, nheads, max_seqlen_q, max_seqlen_k).
 """
 from __future__ import annotations
 
 import math
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_attn import _compat, checks
 from pallas_attn.flash import attention
-from pallas_attn.flash_attn import _alibi_rows
+from pallas_attn.flash_attn import _alibi_rows, dropout_seed, signed_probs
+from pallas_attn.reference import attention_logits
 from pallas_attn.spec import AttentionSpec, band_from_window
 
 
@@ -35,27 +44,61 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                        softcap=softcap, alibi_slopes=alibi_slopes, batch=batch, nheads=h)
   if block_table is not None:
     raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
-  if dropout_p > 0:
-    raise NotImplementedError("dropout_p > 0 is not supported yet")
   spec = AttentionSpec(
       mask=band_from_window(bucket(max_q), bucket(max_k), causal, tuple(window_size)),
       scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d),
       softcap=float(softcap),
       alibi=alibi_slopes is not None,
       varlen=True,
+      dropout_p=float(dropout_p),
   )
   return spec, _alibi_rows(alibi_slopes, batch, h), (cu_seqlens_q, cu_seqlens_k)
 
 
+def s_dmask_varlen(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                   spec: AttentionSpec, alibi, seed):
+  """(batch, H, max_seqlen_q, max_seqlen_k) debugging output: sequence s's P (from the kernel's lse,
+  (H, total_q)) in [s, :, :len_q, :len_k] with dropped entries negated, +0 outside the sequence."""
+  batch = cu_seqlens_q.shape[0] - 1
+  i, j = jnp.arange(max_seqlen_q), jnp.arange(max_seqlen_k)
+  len_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+  len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+  row_ok = i[None, :] < len_q[:, None]  # (batch, max_q)
+  col_ok = j[None, :] < len_k[:, None]
+  # Out-of-range positions gather from one past the end, which mode="fill" reads as the fill value.
+  rows = jnp.where(row_ok, cu_seqlens_q[:-1, None] + i, q.shape[0])
+  cols = jnp.where(col_ok, cu_seqlens_k[:-1, None] + j, k.shape[0])
+  qs = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)  # (batch, max_q, H, d)
+  ks = jnp.take(k, cols, axis=0, mode="fill", fill_value=0)
+  lses = jnp.moveaxis(jnp.take(lse, rows, axis=1, mode="fill", fill_value=jnp.inf), 0, 1)
+  t = attention_logits(qs, ks, softmax_scale=spec.scale, softcap=spec.softcap)
+  # ALiBi and the band follow each sequence's own bottom-right alignment, which the padded
+  # logits above cannot know.
+  off = (len_k - len_q)[:, None, None]
+  if alibi is not None:
+    t = t - alibi[:, :, :, None] * jnp.abs(i[:, None] + off - j[None, :])[:, None]
+  visible = jax.vmap(lambda sq, sk: dataclasses.replace(spec.mask, sq=sq, sk=sk).visible(i, j))(
+      len_q, len_k)
+  valid = row_ok[:, :, None] & col_ok[:, None, :]
+  t = jnp.where((visible & valid)[:, None], t, -jnp.inf)
+  signed = jnp.where(valid[:, None], signed_probs(t, lses, seed, spec.dropout_p), 0.0)
+  assert signed.shape == (batch, q.shape[1], max_seqlen_q, max_seqlen_k)
+  return lax.stop_gradient(signed).astype(q.dtype)
+
+
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-            block_table, tiles):
+            block_table, dropout_key, tiles):
   spec, alibi, seqlens = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                         softcap, alibi_slopes, block_table)
-  out, lse = attention(q, k, v, alibi, spec, tiles, None, seqlens)
+  seed = dropout_seed(dropout_p, dropout_key)
+  out, lse = attention(q, k, v, alibi, spec, tiles, None, seqlens, seed)
   if return_attn_probs:
-    return out, lse, jnp.zeros((0,), q.dtype)
+    if seed is None:
+      return out, lse, jnp.zeros((0,), q.dtype)
+    return out, lse, s_dmask_varlen(q, k, lse, *seqlens, int(max_seqlen_q), int(max_seqlen_k), spec,
+                                    alibi, seed)
   return out
 
 
@@ -70,14 +113,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
     cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) row offsets of each sequence.
     max_seqlen_q, max_seqlen_k: Python ints, upper bounds of the sequence lengths.
+    dropout_p, dropout_key: as flash_attn_func; the keep mask hashes (sequence index, head, row,
+      column) with rows and columns counted within the sequence.
     Other arguments as flash_attn_func; alibi_slopes (nheads,) or (batch, nheads).
   Returns:
-    out (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q) fp32, S_dmask).
+    out (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q) fp32, S_dmask). S_dmask
+    is empty without dropout, else (batch, nheads, max_seqlen_q, max_seqlen_k): sequence s's P in
+    [s, :, :seqlen_q, :seqlen_k] with dropped entries negated, zeros outside each sequence.
   """
-  del deterministic, dropout_key
+  del deterministic
   return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-                 block_table, tiles)
+                 block_table, dropout_key, tiles)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
@@ -85,13 +132,13 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False, *, dropout_key=None, tiles=None):
   """flash_attn_varlen_func with qkv (total, 3, nheads, headdim) and one set of offsets."""
-  del deterministic, dropout_key
+  del deterministic
   checks.require_array("qkv", qkv, 4, "(total, 3, nheads, headdim)")
   if qkv.shape[1] != 3:
     raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
   return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 return_attn_probs, None, tiles)
+                 return_attn_probs, None, dropout_key, tiles)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -100,10 +147,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     deterministic=False, return_attn_probs=False, *,
                                     dropout_key=None, tiles=None):
   """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim)."""
-  del deterministic, dropout_key
+  del deterministic
   checks.require_array("kv", kv, 4, "(total_k, 2, nheads_k, headdim)")
   if kv.shape[1] != 2:
     raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   return _varlen(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 return_attn_probs, None, tiles)
+                 return_attn_probs, None, dropout_key, tiles)

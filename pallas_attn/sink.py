@@ -17,7 +17,7 @@ import numpy as np
 from pallas_attn import checks
 from pallas_attn.flash import attention
 from pallas_attn.flash_attn import dropout_seed, prepare, s_dmask
-from pallas_attn.flash_attn_varlen import prepare_varlen
+from pallas_attn.flash_attn_varlen import prepare_varlen, s_dmask_varlen
 
 LAYOUTS = ("sh", "ssh")
 
@@ -60,12 +60,18 @@ def _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink, sink_layout,
-            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_table=None):
+            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_table=None,
+            dropout_key=None):
   spec, alibi, seqlens = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                         softcap, alibi_slopes, block_table)
   ksink = _kernel_sink(sink, sink_layout, q, varlen=True)
-  return attention(q, k, v, alibi, _with_sink(spec, ksink, sink_layout), None, ksink, seqlens)
+  seed = dropout_seed(dropout_p, dropout_key)
+  out, lse = attention(q, k, v, alibi, _with_sink(spec, ksink, sink_layout), None, ksink, seqlens,
+                       seed)
+  s_mask = None if seed is None else s_dmask_varlen(q, k, lse, *seqlens, int(max_seqlen_q),
+                                                    int(max_seqlen_k), spec, alibi, seed)
+  return out, lse, s_mask
 
 
 def _fa2_return(out, lse, q, return_attn_probs, s_mask=None):
@@ -125,11 +131,11 @@ def fa2_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               deterministic=False, return_attn_probs=False, block_table=None, *,
                               dropout_key=None):
   """flash_attn_varlen_func plus sinks; lse is (nheads, total_q)."""
-  del deterministic, dropout_key
-  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
-                     sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
-                     alibi_slopes, block_table)
-  return _fa2_return(out, lse, q, return_attn_probs)
+  del deterministic
+  out, lse, s_mask = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
+                             sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, block_table, dropout_key)
+  return _fa2_return(out, lse, q, return_attn_probs, s_mask)
 
 
 def fa2_varlen_kvpacked_func_with_sink(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -194,8 +200,8 @@ def fa3_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   """FA3's flash_attn_varlen_func plus sinks. Returns out, or (out, lse (nheads, total_q))."""
   del num_splits, pack_gqa, deterministic, sm_margin
   _fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk, seqused_q, seqused_k)
-  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
-                     sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  out, lse, _ = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
+                        sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
   return _fa3_return(out, lse, return_attn_probs)
 
 
