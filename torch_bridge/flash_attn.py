@@ -3,6 +3,11 @@
 Two custom ops carry the work (`pallas_attn::flash_attn_fwd` / `flash_attn_bwd`, backed by
 pallas_attn.flash's jitted forward and backward); the public functions only unpack packed layouts
 and shape the return value, so torch.compile sees a single opaque node per call.
+
+Dropout: the public functions draw an int32 (1,) seed from torch's default generator on the tensors'
+device (so torch.manual_seed reproduces a run) and pass it to the ops as the tensor `seed`; the keep
+mask is a pure function of (seed, batch, head, i, j) (pallas_attn/dropout.py), so the backward op
+replays it from the saved seed. S_dmask comes from a third op, `pallas_attn::flash_attn_s_dmask`.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pallas_attn import flash, flash_attn as jax_flash_attn
 from torch_bridge import _dlpack, _ops, compat
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, "
-             "bool causal, int window_left, int window_right, float softcap")
+             "bool causal, int window_left, int window_right, float softcap, Tensor? seed")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -32,18 +37,34 @@ def _spec(shapes, dtypes, dropout_p, softmax_scale, causal, window_left, window_
   alibi_slopes = None if metas[3] is None else np.zeros(*metas[3])
   spec, _ = jax_flash_attn.prepare(q, k, v, dropout_p, softmax_scale, causal,
                                    (window_left, window_right), softcap, alibi_slopes)
-  if dropout_p > 0:
-    # The JAX face has dropout; seeding it from torch's generator is still to be wired here.
-    raise NotImplementedError("dropout_p > 0 is not supported on the torch face yet")
   return spec, None  # (spec, tile configs: None = the tuned table)
 
 
+def check_seed(dropout_p, seed):
+  """The ops' `seed` operand: required (int32, shape (1,)) with dropout, ignored without."""
+  if dropout_p > 0 and seed is None:
+    raise ValueError("seed: dropout_p > 0 needs an int32 seed tensor of shape (1,), got None")
+  if seed is not None and (seed.dtype != torch.int32 or tuple(seed.shape) != (1,)):
+    raise TypeError(f"seed: expected an int32 tensor of shape (1,), got {seed.dtype} of shape "
+                    f"{tuple(seed.shape)}")
+
+
+def dropout_seed(dropout_p, device):
+  """The kernels' int32 (1,) seed drawn from torch's default generator for `device` (None without
+  dropout). Drawn as a tensor on the device, so neither a host sync nor a torch.compile graph break."""
+  if not dropout_p > 0:
+    return None
+  return torch.randint(-2 ** 31, 2 ** 31, (1,), dtype=torch.int64, device=device).to(torch.int32)
+
+
 def _static(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
-            softcap, *_):
+            softcap, seed, *_):
   tensors = (q, k, v, alibi_slopes)
-  return _spec(tuple(None if t is None else t.shape for t in tensors),
-               tuple(None if t is None else t.dtype for t in tensors),
-               dropout_p, softmax_scale, causal, window_left, window_right, softcap)
+  static = _spec(tuple(None if t is None else t.shape for t in tensors),
+                 tuple(None if t is None else t.dtype for t in tensors),
+                 dropout_p, softmax_scale, causal, window_left, window_right, softcap)
+  check_seed(dropout_p, seed)
+  return static
 
 
 def _alibi_rows(alibi_slopes, q):
@@ -59,13 +80,32 @@ def _fwd_outputs(q, *_):
   return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
 
 
-def _fwd_operands(q, k, v, alibi_slopes, *_):
-  return q, k, v, _alibi_rows(alibi_slopes, q)
+def _fwd_operands(q, k, v, alibi_slopes, *rest):
+  return q, k, v, _alibi_rows(alibi_slopes, q), rest[-1]  # the seed ends the arguments
+
+
+# pallas_attn.flash takes the seed after its static arguments; these put it in the bridge's order
+# (operands, outputs, static). The jitted callees do the donating.
+def _forward_into(q, k, v, alibi, seed, out, lse, kernel_spec, cfgs):
+  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs, None, None, seed)
+
+
+def _forward(q, k, v, alibi, seed, kernel_spec, cfgs):
+  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, None, seed)
+
+
+def _backward_into(q, k, v, alibi, seed, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs):
+  return flash.backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs,
+                             None, None, seed)
+
+
+def _backward(q, k, v, alibi, seed, out, lse, dout, dlse, kernel_spec, cfgs):
+  return flash.backward(q, k, v, alibi, out, lse, dout, dlse, kernel_spec, cfgs, None, None, seed)
 
 
 _fwd = _ops.kernel_op(
     "flash_attn_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=flash.forward_into, plain=flash.forward),
+    kernel=_dlpack.Kernel(into=_forward_into, plain=_forward),
     outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
 
 
@@ -78,20 +118,58 @@ def _bwd_static(dout, dlse, *args):
 
 
 def _bwd_operands(dout, dlse, q, k, v, alibi_slopes, *rest):
-  out, lse = rest[-2:]
+  seed, out, lse = rest[-3:]
   if dout is None:  # only lse was used downstream
     dout = torch.zeros_like(out)
-  return q, k, v, _alibi_rows(alibi_slopes, q), out, lse, dout, dlse
+  return q, k, v, _alibi_rows(alibi_slopes, q), seed, out, lse, dout, dlse
 
 
 _bwd = _ops.kernel_op(
     "flash_attn_bwd",
     f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
     "-> (Tensor, Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=flash.backward_into, plain=flash.backward),
+    kernel=_dlpack.Kernel(into=_backward_into, plain=_backward),
     outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
 
 _attention_op = _ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
+
+
+# S_dmask: the forward op's arguments after its lse; computed by pallas_attn's own s_dmask (the
+# kernels' keep mask, P from the kernels' lse), so the debugging output cannot drift from the kernel.
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _s_dmask(q, k, alibi, lse, seed, kernel_spec, cfgs):
+  del cfgs
+  return (jax_flash_attn.s_dmask(q, k, lse, kernel_spec, alibi, seed),)
+
+
+# The output buffer is never read; keep_unused keeps its donation, so XLA can write into it.
+@functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=5, keep_unused=True)
+def _s_dmask_into(q, k, alibi, lse, seed, out, kernel_spec, cfgs):
+  del out, cfgs
+  return (jax_flash_attn.s_dmask(q, k, lse, kernel_spec, alibi, seed),)
+
+
+def _s_dmask_outputs(lse, q, k, *_):
+  b, sq, h, _ = q.shape
+  return [((b, h, sq, k.shape[1]), q.dtype)]
+
+
+def _s_dmask_static(lse, *args):
+  dropout_p, seed = args[4], args[10]
+  if not dropout_p > 0 or seed is None:
+    raise ValueError(f"dropout_p: S_dmask exists only with dropout (dropout_p > 0 and a seed), got "
+                     f"dropout_p={dropout_p!r}")
+  return _static(*args)
+
+
+def _s_dmask_operands(lse, q, k, v, alibi_slopes, *rest):
+  return q, k, _alibi_rows(alibi_slopes, q), lse, rest[-1]
+
+
+_s_dmask_op = _ops.kernel_op(
+    "flash_attn_s_dmask", f"(Tensor softmax_lse, {_FWD_ARGS}) -> Tensor",
+    kernel=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask),
+    outputs=_s_dmask_outputs, static=_s_dmask_static, operands=_s_dmask_operands)
 
 
 def _require_tensor(name, x, layout):
@@ -105,20 +183,34 @@ def _window(window_size):
   return int(window_size[0]), int(window_size[1])
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               return_attn_probs):
+def attn_probs(op, lse, args):
+  """S_dmask of a call whose forward op took `args` (ending in the seed): empty without dropout,
+  else computed by the S_dmask op `op` (not differentiable: a debugging output)."""
+  q, seed = args[0], args[-1]
+  if seed is None:
+    return torch.empty(0, dtype=q.dtype, device=q.device)
+  return op(lse.detach(), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+  """The forward op's arguments after the public checks, with a freshly drawn dropout seed."""
   _require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
   _require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
   _require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
   if alibi_slopes is not None:
     _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
-  out, lse = _attention_op(q, k, v, alibi_slopes, float(dropout_p),
-                  None if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
-                  float(softcap))
+  dropout_p = float(dropout_p)
+  return (q, k, v, alibi_slopes, dropout_p, None if softmax_scale is None else float(softmax_scale),
+          bool(causal), left, right, float(softcap), dropout_seed(dropout_p, q.device))
+
+
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               return_attn_probs):
+  args = op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+  out, lse = _attention_op(*args)
   if return_attn_probs:
-    # S_dmask only carries information with dropout, which is not supported yet.
-    return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
+    return out, lse, attn_probs(_s_dmask_op, lse, args)
   return out
 
 
@@ -147,7 +239,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim). float16,
       bfloat16 or float32, all on one device (CUDA: the current device; CPU tensors run the
       kernels in Pallas interpret mode). headdim <= 256.
-    dropout_p: must be 0.0 for now (dropout raises NotImplementedError).
+    dropout_p: probability of dropping each attention probability (kept ones are scaled by
+      1 / (1 - dropout_p)). The seed is drawn from torch's default generator on the tensors' device,
+      so torch.manual_seed reproduces a run bit for bit; the backward replays the same keep mask.
+      Pass 0.0 for evaluation, as with flash-attn.
     softmax_scale: default 1 / sqrt(headdim).
     causal: bottom-right aligned causal mask (see above).
     window_size: (left, right) sliding window.
@@ -158,7 +253,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
   Returns:
     out (batch, seqlen_q, nheads, headdim), or with return_attn_probs (out, softmax_lse, S_dmask):
     softmax_lse (batch, nheads, seqlen_q) float32, the natural-log logsumexp of each row's scores
-    (differentiable), and S_dmask an empty tensor (it only exists with dropout).
+    (differentiable, taken before dropout), and S_dmask: an empty tensor without dropout, else
+    (batch, nheads, seqlen_q, seqlen_k) in q's dtype holding the normalized probabilities P with the
+    dropped entries negated (not differentiable; flash-attn pads its shape to multiples of 128 and
+    stores unnormalized values, this does not).
   """
   del deterministic
   return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,

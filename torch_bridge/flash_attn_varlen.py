@@ -3,7 +3,9 @@
 Sequences are packed along the token axis: sequence s owns rows [cu_seqlens[s], cu_seqlens[s + 1]).
 Two custom ops carry the work (`pallas_attn::flash_attn_varlen_fwd` / `flash_attn_varlen_bwd`,
 backed by pallas_attn.flash's jitted forward and backward with the offsets as operands); the public
-functions only check the offsets, unpack packed layouts and shape the return value.
+functions only check the offsets, unpack packed layouts and shape the return value. Dropout is seeded
+as on the dense face (torch_bridge/flash_attn.py); the keep mask hashes (sequence index, head, row,
+column) with rows and columns counted within the sequence.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ import numpy as np
 import torch
 
 from pallas_attn import checks, flash
-from pallas_attn.flash_attn_varlen import prepare_varlen
+from pallas_attn.flash_attn_varlen import prepare_varlen, s_dmask_varlen
 from torch_bridge import _dlpack, _ops, compat
-from torch_bridge.flash_attn import _require_tensor, _window
+from torch_bridge.flash_attn import _require_tensor, _window, attn_probs, check_seed, dropout_seed
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
             "int max_seqlen_k, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, bool causal, "
-            "int window_left, int window_right, float softcap")
+            "int window_left, int window_right, float softcap, Tensor? seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +65,14 @@ def _spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, 
 
 
 def _static(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
-            softmax_scale, causal, window_left, window_right, softcap, *_):
+            softmax_scale, causal, window_left, window_right, softcap, seed, *_):
   tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
-  return _spec(tuple(None if t is None else t.shape for t in tensors),
-               tuple(None if t is None else t.dtype for t in tensors),
-               max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left, window_right,
-               softcap)
+  static = _spec(tuple(None if t is None else t.shape for t in tensors),
+                 tuple(None if t is None else t.dtype for t in tensors),
+                 max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
+                 window_right, softcap)
+  check_seed(dropout_p, seed)
+  return static
 
 
 def _alibi_rows(alibi_slopes, q, cu_seqlens_q):
@@ -83,8 +87,9 @@ def _fwd_outputs(q, *_):
   return [(q.shape, q.dtype), ((h, total), torch.float32)]
 
 
-def _fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *_):
-  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k
+def _fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
+  # The seed ends the arguments.
+  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, rest[-1]
 
 
 def _bwd_outputs(dout, dlse, q, k, v, *_):
@@ -97,30 +102,32 @@ def _bwd_static(dout, dlse, *args):
 
 def _bwd_operands(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes,
                  *rest):
-  out, lse = rest[-2:]
+  seed, out, lse = rest[-3:]
   if dout is None:  # only lse was used downstream
     dout = torch.zeros_like(out)
-  return (q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, out, lse,
-          dout, dlse)
+  return (q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, seed, out,
+          lse, dout, dlse)
 
 
-# pallas_attn.flash takes the offsets after its static arguments; these put them in the bridge's
-# order (operands, outputs, static). The jitted callees do the donating.
-def _forward_into(q, k, v, alibi, cu_q, cu_k, out, lse, kernel_spec, cfgs):
-  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs, None, (cu_q, cu_k))
+# pallas_attn.flash takes the offsets and the seed after its static arguments; these put them in the
+# bridge's order (operands, outputs, static). The jitted callees do the donating.
+def _forward_into(q, k, v, alibi, cu_q, cu_k, seed, out, lse, kernel_spec, cfgs):
+  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs, None, (cu_q, cu_k), seed)
 
 
-def _forward(q, k, v, alibi, cu_q, cu_k, kernel_spec, cfgs):
-  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, (cu_q, cu_k))
+def _forward(q, k, v, alibi, cu_q, cu_k, seed, kernel_spec, cfgs):
+  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, (cu_q, cu_k), seed)
 
 
-def _backward_into(q, k, v, alibi, cu_q, cu_k, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs):
+def _backward_into(q, k, v, alibi, cu_q, cu_k, seed, out, lse, dout, dlse, dq, dk, dv, kernel_spec,
+                   cfgs):
   return flash.backward_into(q, k, v, alibi, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs, None,
-                             (cu_q, cu_k))
+                             (cu_q, cu_k), seed)
 
 
-def _backward(q, k, v, alibi, cu_q, cu_k, out, lse, dout, dlse, kernel_spec, cfgs):
-  return flash.backward(q, k, v, alibi, out, lse, dout, dlse, kernel_spec, cfgs, None, (cu_q, cu_k))
+def _backward(q, k, v, alibi, cu_q, cu_k, seed, out, lse, dout, dlse, kernel_spec, cfgs):
+  return flash.backward(q, k, v, alibi, out, lse, dout, dlse, kernel_spec, cfgs, None, (cu_q, cu_k),
+                        seed)
 
 
 _fwd = _ops.kernel_op(
@@ -136,6 +143,43 @@ _bwd = _ops.kernel_op(
     outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
 
 _varlen_op = _ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
+
+
+# S_dmask: the forward op's arguments after its lse, computed by pallas_attn's s_dmask_varlen.
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _s_dmask(q, k, alibi, cu_q, cu_k, lse, seed, kernel_spec, max_q, max_k):
+  return (s_dmask_varlen(q, k, lse, cu_q, cu_k, max_q, max_k, kernel_spec, alibi, seed),)
+
+
+# The output buffer is never read; keep_unused keeps its donation, so XLA can write into it.
+@functools.partial(jax.jit, static_argnums=(8, 9, 10), donate_argnums=7, keep_unused=True)
+def _s_dmask_into(q, k, alibi, cu_q, cu_k, lse, seed, out, kernel_spec, max_q, max_k):
+  del out
+  return (s_dmask_varlen(q, k, lse, cu_q, cu_k, max_q, max_k, kernel_spec, alibi, seed),)
+
+
+def _s_dmask_outputs(lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_):
+  return [((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k), q.dtype)]
+
+
+def _s_dmask_static(lse, *args):
+  dropout_p, seed = args[8], args[14]
+  if not dropout_p > 0 or seed is None:
+    raise ValueError(f"dropout_p: S_dmask exists only with dropout (dropout_p > 0 and a seed), got "
+                     f"dropout_p={dropout_p!r}")
+  kernel_spec, _ = _static(*args)
+  return kernel_spec, args[5], args[6]  # the unbucketed max_seqlen_q/k size S_dmask
+
+
+def _s_dmask_operands(lse, q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
+  return (q, k, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, lse,
+          rest[-1])
+
+
+_s_dmask_op = _ops.kernel_op(
+    "flash_attn_varlen_s_dmask", f"(Tensor softmax_lse, {_FWD_ARGS}) -> Tensor",
+    kernel=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask),
+    outputs=_s_dmask_outputs, static=_s_dmask_static, operands=_s_dmask_operands)
 
 
 def _require_offsets(name, cu):
@@ -192,9 +236,9 @@ def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 _NAMES = (("cu_seqlens_q", "max_seqlen_q"), ("cu_seqlens_k", "max_seqlen_k"))
 
 
-def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-            softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table,
-            names=_NAMES):
+def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, block_table, names=_NAMES):
+  """The forward op's arguments after the public checks, with a freshly drawn dropout seed."""
   if block_table is not None:
     # flash-attn's paged varlen path is forward-only; pallas_attn has no paged varlen kernel yet.
     raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
@@ -202,12 +246,20 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
   if alibi_slopes is not None:
     _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
-  out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes,
-                        float(dropout_p), None if softmax_scale is None else float(softmax_scale),
-                        bool(causal), left, right, float(softcap))
+  dropout_p = float(dropout_p)
+  return (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes, dropout_p,
+          None if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
+          float(softcap), dropout_seed(dropout_p, q.device))
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table,
+            names=_NAMES):
+  args = op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, block_table, names)
+  out, lse = _varlen_op(*args)
   if return_attn_probs:
-    # S_dmask only carries information with dropout, which is not supported yet.
-    return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
+    return out, lse, attn_probs(_s_dmask_op, lse, args)
   return out
 
 
@@ -230,14 +282,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
       (values are checked for CPU tensors only).
     max_seqlen_q, max_seqlen_k: Python ints >= every sequence length. They are rounded up to a power
       of two for the compiled kernel, so a new value recompiles only when it crosses one.
-    dropout_p: must be 0.0 for now (dropout raises NotImplementedError).
+    dropout_p: as flash_attn_func (seeded from torch's default generator; torch.manual_seed
+      reproduces a run). The keep mask hashes (sequence index, head, row, column) with rows and
+      columns counted within the sequence.
     softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as flash_attn_func;
       alibi_slopes (nheads,) or (batch, nheads) float32.
     return_attn_probs: also return softmax_lse and S_dmask.
     block_table: paged keys/values; raises NotImplementedError.
   Returns:
     out (total_q, nheads, headdim), or with return_attn_probs (out, softmax_lse, S_dmask):
-    softmax_lse (nheads, total_q) float32 (differentiable), S_dmask an empty tensor.
+    softmax_lse (nheads, total_q) float32 (differentiable), and S_dmask: an empty tensor without
+    dropout, else (batch, nheads, max_seqlen_q, max_seqlen_k) in q's dtype, sequence s's
+    probabilities P in [s, :, :seqlen_q, :seqlen_k] with dropped entries negated, zeros outside each
+    sequence (not differentiable).
   """
   del deterministic
   return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,

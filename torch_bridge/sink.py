@@ -20,7 +20,7 @@ from pallas_attn import flash, sink as jax_sink
 from torch_bridge import _dlpack, _ops, compat
 from torch_bridge import flash_attn as bridge_fa
 from torch_bridge import flash_attn_varlen as bridge_varlen
-from torch_bridge.flash_attn import _require_tensor, _window
+from torch_bridge.flash_attn import _require_tensor
 
 # The sink ops extend the dense and varlen ops, so they reuse those modules' private pieces.
 # pylint: disable=protected-access
@@ -29,7 +29,8 @@ _SINK_ARGS = "Tensor sink, str sink_layout"
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels: operands (q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, sink), cu_seqlens None when dense.
+# Kernels: operands (q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, sink, seed), cu_seqlens None when
+# dense, seed None without dropout.
 
 
 def _seqlens(cu_q, cu_k):
@@ -40,45 +41,46 @@ def _to_kernel_layout(sink, q, kernel_spec):
   return jax_sink._kernel_sink(sink, kernel_spec.sink, q, kernel_spec.varlen)
 
 
-@functools.partial(jax.jit, static_argnums=(9, 10), donate_argnums=(7, 8))
-def _forward_into(q, k, v, alibi, cu_q, cu_k, sink, out, lse, kernel_spec, cfgs):
+@functools.partial(jax.jit, static_argnums=(10, 11), donate_argnums=(8, 9))
+def _forward_into(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, kernel_spec, cfgs):
   return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs,
-                            _to_kernel_layout(sink, q, kernel_spec), _seqlens(cu_q, cu_k))
+                            _to_kernel_layout(sink, q, kernel_spec), _seqlens(cu_q, cu_k), seed)
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8))
-def _forward(q, k, v, alibi, cu_q, cu_k, sink, kernel_spec, cfgs):
+@functools.partial(jax.jit, static_argnums=(8, 9))
+def _forward(q, k, v, alibi, cu_q, cu_k, sink, seed, kernel_spec, cfgs):
   return flash.forward(q, k, v, alibi, kernel_spec, cfgs, _to_kernel_layout(sink, q, kernel_spec),
-                       _seqlens(cu_q, cu_k))
+                       _seqlens(cu_q, cu_k), seed)
 
 
-def _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs,
+def _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, dout, dlse, kernel_spec, cfgs,
                    into=None):
   # The kernel layout is a transposition of the public one; its VJP maps dsink back.
   ksink, to_public = jax.vjp(lambda s: _to_kernel_layout(s, q, kernel_spec), sink)
   args = (q, k, v, alibi, out, lse, dout, dlse)
   if into is None:
-    dq, dk, dv, dksink = flash.backward(*args, kernel_spec, cfgs, ksink, _seqlens(cu_q, cu_k))
+    dq, dk, dv, dksink = flash.backward(*args, kernel_spec, cfgs, ksink, _seqlens(cu_q, cu_k), seed)
   else:
     dq, dk, dv, dksink = flash.backward_into(*args, *into, kernel_spec, cfgs, ksink,
-                                             _seqlens(cu_q, cu_k))
+                                             _seqlens(cu_q, cu_k), seed)
   return dq, dk, dv, to_public(dksink)[0]
 
 
 # dsink's buffer is never read, so jit would drop it (and its donation) without keep_unused; kept,
 # XLA writes the gradient straight into it and every output stays aliased.
-@functools.partial(jax.jit, static_argnums=(15, 16), donate_argnums=(11, 12, 13, 14),
+@functools.partial(jax.jit, static_argnums=(16, 17), donate_argnums=(12, 13, 14, 15),
                    keep_unused=True)
-def _backward_into(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, dq, dk, dv, dsink,
+def _backward_into(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, dout, dlse, dq, dk, dv, dsink,
                    kernel_spec, cfgs):
   del dsink
-  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs,
-                        into=(dq, dk, dv))
+  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, dout, dlse, kernel_spec,
+                        cfgs, into=(dq, dk, dv))
 
 
-@functools.partial(jax.jit, static_argnums=(11, 12))
-def _backward(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs):
-  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, out, lse, dout, dlse, kernel_spec, cfgs)
+@functools.partial(jax.jit, static_argnums=(12, 13))
+def _backward(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, dout, dlse, kernel_spec, cfgs):
+  return _backward_impl(q, k, v, alibi, cu_q, cu_k, sink, seed, out, lse, dout, dlse, kernel_spec,
+                        cfgs)
 
 
 _FORWARD = _dlpack.Kernel(into=_forward_into, plain=_forward)
@@ -102,13 +104,14 @@ def _sink_spec(base, q_shape, sink_shape, sink_dtype, sink_layout, varlen):
   return dataclasses.replace(kernel_spec, sink=sink_layout), cfgs
 
 
+# rest ends with the base op's seed, then sink and sink_layout.
 def _dense_fwd_operands(q, k, v, alibi_slopes, *rest):
-  return q, k, v, bridge_fa._alibi_rows(alibi_slopes, q), None, None, rest[-2]
+  return q, k, v, bridge_fa._alibi_rows(alibi_slopes, q), None, None, rest[-2], rest[-3]
 
 
 def _varlen_fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
   alibi = bridge_varlen._alibi_rows(alibi_slopes, q, cu_seqlens_q)
-  return q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, rest[-2]
+  return q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, rest[-2], rest[-3]
 
 
 def _sink_op(name, base_args, base_static, base_outputs, fwd_operands, varlen):
@@ -158,27 +161,18 @@ def _check_sink(sink, sink_layout):
     raise ValueError(f"sink_layout: expected one of {jax_sink.LAYOUTS}, got {sink_layout!r}")
 
 
-def _options(softmax_scale, causal, window_size, softcap):
-  left, right = _window(window_size)
-  return (None if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
-          float(softcap))
-
-
 def _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
            alibi_slopes):
-  """(out, lse) of dense attention with sinks; plain attention when sink is None."""
+  """(out, lse, S_dmask thunk) of dense attention with sinks; plain attention when sink is None."""
+  args = bridge_fa.op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes)
   if sink is None:
-    out, lse, _ = bridge_fa._attention(q, k, v, dropout_p, softmax_scale, causal, window_size,
-                                       softcap, alibi_slopes, True)
-    return out, lse
-  _require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
-  _require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
-  _require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
-  _check_sink(sink, sink_layout)
-  if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
-  return _dense_sink_op(q, k, v, alibi_slopes, float(dropout_p),
-                        *_options(softmax_scale, causal, window_size, softcap), sink, sink_layout)
+    out, lse = bridge_fa._attention_op(*args)
+  else:
+    _check_sink(sink, sink_layout)
+    out, lse = _dense_sink_op(*args, sink, sink_layout)
+  # S_dmask needs only the kernels' lse, which already counts the sinks.
+  return out, lse, lambda: bridge_fa.attn_probs(bridge_fa._s_dmask_op, lse, args)
 
 
 _VARLEN_NAMES = bridge_varlen._NAMES
@@ -187,29 +181,21 @@ _VARLEN_NAMES = bridge_varlen._NAMES
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink, sink_layout,
             dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_table=None,
             names=_VARLEN_NAMES):
-  """(out, lse) of varlen attention with sinks; plain varlen attention when sink is None."""
+  """(out, lse, S_dmask thunk) of varlen attention with sinks; plain varlen attention when sink is
+  None."""
+  args = bridge_varlen.op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               block_table, names)
   if sink is None:
-    out, lse, _ = bridge_varlen._varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
-                                        softcap, alibi_slopes, True, block_table, names)
-    return out, lse
-  if block_table is not None:
-    raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
-  max_q, max_k = bridge_varlen._varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, names)
-  _check_sink(sink, sink_layout)
-  if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
-  return _varlen_sink_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes,
-                         float(dropout_p), *_options(softmax_scale, causal, window_size, softcap),
-                         sink, sink_layout)
+    out, lse = bridge_varlen._varlen_op(*args)
+  else:
+    _check_sink(sink, sink_layout)
+    out, lse = _varlen_sink_op(*args, sink, sink_layout)
+  return out, lse, lambda: bridge_fa.attn_probs(bridge_varlen._s_dmask_op, lse, args)
 
 
-def _fa2_return(out, lse, return_attn_probs):
-  if not return_attn_probs:
-    return out
-  # S_dmask only carries information with dropout, which the torch face does not support yet.
-  return out, lse, torch.empty(0, dtype=out.dtype, device=out.device)
+def _fa2_return(out, lse, s_dmask, return_attn_probs):
+  return (out, lse, s_dmask()) if return_attn_probs else out
 
 
 def _fa3_return(out, lse, return_attn_probs):
@@ -242,16 +228,17 @@ def fa2_func_with_sink(q, k, v, sink=None, sink_layout="sh", dropout_p=0.0, soft
     sink: float32 logits, (s_sink, nheads) for sink_layout="sh" (shared by every row), or
       (batch, seqlen_q, s_sink, nheads) for "ssh" (one set per query token); None = no sinks.
       Differentiable; its gradient is float32.
-    dropout_p: must be 0.0 on the torch face (dropout raises NotImplementedError).
+    dropout_p: as flash_attn_func (seeded from torch's default generator); sinks are never dropped.
     Other arguments as flash_attn_func.
   Returns:
     out (batch, seqlen_q, nheads, headdim), or with return_attn_probs (out, lse, S_dmask): lse
-    (batch, nheads, seqlen_q) float32 including the sinks, S_dmask an empty tensor.
+    (batch, nheads, seqlen_q) float32 including the sinks, S_dmask as flash_attn_func's (its P
+    normalized by that lse, so a row's entries sum to less than 1 by the sinks' share).
   """
   del deterministic
-  out, lse = _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
-                    softcap, alibi_slopes)
-  return _fa2_return(out, lse, return_attn_probs)
+  out, lse, s_dmask = _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal,
+                             window_size, softcap, alibi_slopes)
+  return _fa2_return(out, lse, s_dmask, return_attn_probs)
 
 
 def fa2_kvpacked_func_with_sink(q, kv, sink=None, sink_layout="sh", dropout_p=0.0, softmax_scale=None,
@@ -279,10 +266,10 @@ def fa2_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   """flash_attn_varlen_func plus sinks: sink (s_sink, nheads) ("sh") or (total_q, s_sink, nheads)
   ("ssh"). Returns out, or (out, lse (nheads, total_q) including the sinks, S_dmask)."""
   del deterministic
-  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
-                     sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
-                     alibi_slopes, block_table)
-  return _fa2_return(out, lse, return_attn_probs)
+  out, lse, s_dmask = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              sink, sink_layout, dropout_p, softmax_scale, causal, window_size,
+                              softcap, alibi_slopes, block_table)
+  return _fa2_return(out, lse, s_dmask, return_attn_probs)
 
 
 def fa2_varlen_kvpacked_func_with_sink(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -304,10 +291,10 @@ def fa2_varlen_qkvpacked_func_with_sink(qkv, cu_seqlens, max_seqlen, sink=None, 
   """fa2_varlen_func_with_sink with qkv (total, 3, nheads, headdim) and one set of offsets."""
   del deterministic
   q, k, v = _unpack("qkv", qkv, 3, 1, "(total, 3, nheads, headdim)")
-  out, lse = _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, sink, sink_layout,
-                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                     names=(("cu_seqlens", "max_seqlen"),) * 2)
-  return _fa2_return(out, lse, return_attn_probs)
+  out, lse, s_dmask = _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, sink,
+                              sink_layout, dropout_p, softmax_scale, causal, window_size, softcap,
+                              alibi_slopes, names=(("cu_seqlens", "max_seqlen"),) * 2)
+  return _fa2_return(out, lse, s_dmask, return_attn_probs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,7 +312,8 @@ def fa3_func_with_sink(q, k, v, sink=None, sink_layout="sh", softmax_scale=None,
   """
   del num_splits, pack_gqa, deterministic, sm_margin
   jax_sink._fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk)
-  out, lse = _dense(q, k, v, sink, sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  out, lse, _ = _dense(q, k, v, sink, sink_layout, 0.0, softmax_scale, causal, window_size, softcap,
+                       None)
   return _fa3_return(out, lse, return_attn_probs)
 
 
@@ -342,8 +330,8 @@ def fa3_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   del num_splits, pack_gqa, deterministic, sm_margin
   jax_sink._fa3_unsupported(qv, q_descale, k_descale, v_descale, attention_chunk, seqused_q,
                             seqused_k)
-  out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
-                     sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
+  out, lse, _ = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sink,
+                        sink_layout, 0.0, softmax_scale, causal, window_size, softcap, None)
   return _fa3_return(out, lse, return_attn_probs)
 
 
