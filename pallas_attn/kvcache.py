@@ -49,6 +49,8 @@ def _int32_vector(name: str, x, batch: int):
 
 def _concrete(x):
   """x's values as numpy when they are known now (not traced), else None."""
+  if x is None:
+    return None
   try:
     return np.asarray(x)
   except Exception:  # noqa: BLE001  (a tracer)
@@ -71,10 +73,10 @@ def _check_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, k_
     if leftpad is not None and np.any((leftpad < 0) | (leftpad > seqlens)):
       raise ValueError(f"cache_leftpad: expected values in [0, cache_seqlens], got {leftpad.tolist()} "
                        f"with cache_seqlens {seqlens.tolist()}")
-  idx = _concrete(cache_batch_idx) if cache_batch_idx is not None else None
+  idx = _concrete(cache_batch_idx)
   if idx is not None and np.any((idx < 0) | (idx >= k_cache.shape[0])):
     raise ValueError(f"cache_batch_idx: expected values in [0, {k_cache.shape[0]}), got {idx.tolist()}")
-  table = _concrete(block_table) if block_table is not None else None
+  table = _concrete(block_table)
   if table is not None and np.any((table < 0) | (table >= k_cache.shape[0])):
     raise ValueError(f"block_table: expected page indices in [0, {k_cache.shape[0]}) (k_cache's "
                      "num_blocks)")
