@@ -49,7 +49,7 @@ def _int32_vector(name: str, x, batch: int):
 
 def _concrete(x):
   """x's values as numpy when they are known now (not traced), else None."""
-  if x is None:
+  if not isinstance(x, (jax.Array, np.ndarray)):  # None, or a shape-only stand-in
     return None
   try:
     return np.asarray(x)
@@ -222,17 +222,14 @@ def _positions(seqlens, n: int):
   return seqlens[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
 
 
-def rotate(q, k, rotary_cos, rotary_sin, seqlens, plan: CachePlan):
-  """(q, k) with rotary applied: new key j at row seqlens + j; queries at seqlens + i when causal or
-  windowed, else all at seqlens."""
-  if not plan.rotary:
-    return q, k
-  k = _rotary(k, rotary_cos, rotary_sin, _positions(seqlens, plan.s_new), plan.rotary_interleaved)
-  pos_q = _positions(seqlens, plan.sq)
-  if not plan.rotate_q_per_row:
+def rotate(q, k, rotary_cos, rotary_sin, seqlens, *, interleaved: bool, per_row: bool):
+  """(q, k) with rotary applied: new key j at row seqlens + j; queries at seqlens + i when per_row
+  (causal or windowed), else all at seqlens."""
+  k = _rotary(k, rotary_cos, rotary_sin, _positions(seqlens, k.shape[1]), interleaved)
+  pos_q = _positions(seqlens, q.shape[1])
+  if not per_row:
     pos_q = jnp.broadcast_to(seqlens[:, None], pos_q.shape)
-  q = _rotary(q, rotary_cos, rotary_sin, pos_q, plan.rotary_interleaved)
-  return q, k
+  return _rotary(q, rotary_cos, rotary_sin, pos_q, interleaved), k
 
 
 def slots(seqlens, cache_batch_idx, block_table, plan: CachePlan):
@@ -301,11 +298,39 @@ def lengths(cache_seqlens, cache_leftpad, plan: CachePlan):
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, leftpad,
          block_table, alibi_slopes, plan: CachePlan):
-  q_rot, k_rot = rotate(q, k, rotary_cos, rotary_sin, seqlens, plan)
-  k_cache, v_cache = append(k_cache, v_cache, k_rot, v, seqlens, cache_batch_idx, block_table, plan)
-  out, lse = attend(q_rot, k_cache, v_cache, seqlens + plan.s_new, leftpad,
+  if plan.rotary:
+    q, k = rotate(q, k, rotary_cos, rotary_sin, seqlens, interleaved=plan.rotary_interleaved,
+                  per_row=plan.rotate_q_per_row)
+  k_cache, v_cache = append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, plan)
+  out, lse = attend(q, k_cache, v_cache, seqlens + plan.s_new, leftpad,
                     page_table(cache_batch_idx, block_table, plan), alibi_slopes, plan)
   return out, lse, k_cache, v_cache
+
+
+# The torch face's two steps around its in-place append, plain and writing into donated outputs
+# (see torch_bridge/_dlpack.py's Kernel).
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def rotate_plain(q, k, rotary_cos, rotary_sin, seqlens, interleaved: bool, per_row: bool):
+  return rotate(q, k, rotary_cos, rotary_sin, seqlens, interleaved=interleaved, per_row=per_row)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8), donate_argnums=(5, 6))
+def rotate_into(q, k, rotary_cos, rotary_sin, seqlens, q_out, k_out, interleaved: bool,
+                per_row: bool):
+  del q_out, k_out  # donated: XLA writes the results into them
+  return rotate(q, k, rotary_cos, rotary_sin, seqlens, interleaved=interleaved, per_row=per_row)
+
+
+@functools.partial(jax.jit, static_argnums=(7,))
+def attend_plain(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan):
+  """attend() with table the contiguous cache rows (b,) or the block table (b, max_pages)."""
+  return attend(q, k_cache, v_cache, end, leftpad, table.reshape(-1), alibi_slopes, plan)
+
+
+@functools.partial(jax.jit, static_argnums=(9,), donate_argnums=(7, 8))
+def attend_into(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, out, lse, plan: CachePlan):
+  del out, lse  # donated: XLA writes the results into them
+  return attend(q, k_cache, v_cache, end, leftpad, table.reshape(-1), alibi_slopes, plan)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

@@ -13,6 +13,7 @@ from torch_bridge import landmark  # noqa: F401  (registers ltriton.flash_landma
 from torch_bridge.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from torch_bridge.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                             flash_attn_varlen_qkvpacked_func)
+from torch_bridge.kvcache import flash_attn_with_kvcache
 from torch_bridge.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
                                fa2_qkvpacked_func_with_sink, fa2_varlen_func_with_sink,
                                fa2_varlen_kvpacked_func_with_sink, fa2_varlen_qkvpacked_func_with_sink,
@@ -28,6 +29,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "fa2_func_with_sink",
     "fa2_kvpacked_func_with_sink",
     "fa2_qkvpacked_func_with_sink",
