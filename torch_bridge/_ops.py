@@ -60,7 +60,8 @@ def _concrete(args, tensor_slots) -> bool:
 def kernel_op(name: str, schema: str, *, kernel: _dlpack.Kernel,
               outputs: Callable[..., OutputSpec],
               static: Callable[..., tuple],
-              operands: Callable[..., Sequence[torch.Tensor | None]]):
+              operands: Callable[..., Sequence[torch.Tensor | None]],
+              zeroed: Sequence[int] = ()):
   """Defines `pallas_attn::name` computed by `kernel` (see `_dlpack.run` for the calling convention).
 
   outputs(*args): the (shape, dtype) of each output, allocated by torch on the arguments' device;
@@ -68,13 +69,15 @@ def kernel_op(name: str, schema: str, *, kernel: _dlpack.Kernel,
   static(*args): validates the arguments (errors name the argument) and returns the kernel's static
     arguments; runs on concrete shapes only and should cache, since it runs on every call.
   operands(*args): the kernel's tensor operands (None where absent), in its order.
+  zeroed: indices of outputs torch allocates zero-filled (the kernel writes only part of them).
   """
   qualname = f"{NAMESPACE}::{name}"
   names, tensor_slots = _arguments(qualname, schema)
 
   def allocate(args):
     like = next(args[i] for i in tensor_slots if args[i] is not None)
-    return [like.new_empty(tuple(shape), dtype=dtype) for shape, dtype in outputs(*args)]
+    return [(like.new_zeros if n in zeroed else like.new_empty)(tuple(shape), dtype=dtype)
+            for n, (shape, dtype) in enumerate(outputs(*args))]
 
   def result(outs):
     return tuple(outs) if len(outs) > 1 else outs[0]

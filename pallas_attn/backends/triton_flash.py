@@ -656,7 +656,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   """dq, dk, dv in the input dtypes, then dsink (fp32, the layout of `sink`) when there are sinks,
   or dbias (like bias, zero where masked) with the dynamic mask.
 
-  into: optional (dq, dk, dv) buffers to write the gradients into.
+  into: optional (dq, dk, dv) buffers to write the gradients into, and with the dynamic mask
+  optionally a fourth, zero-filled buffer for dbias (the kernel writes only the tiles it visits).
   """
   d = q.shape[-1]
   dp = _compat.next_power_of_2(max(d, 16))
@@ -732,12 +733,12 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [blocks.heads(k), blocks.heads(v)]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:])
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:3])
   if spec.bias_mask:
     # Tiles the tables skip are never written: the gradient starts as zeros the kernel writes into.
     aliases[len(args)] = len(out_specs)
     in_specs.append(blocks.pairs(bias, own_head))
-    args.append(jnp.zeros(bias.shape, bias.dtype))
+    args.append(into[3] if into is not None and len(into) > 3 else jnp.zeros(bias.shape, bias.dtype))
     out_specs.append(blocks.pairs(bias, own_head))
     out_shape.append(jax.ShapeDtypeStruct(bias.shape, bias.dtype))
   dk, dv, *dbias = pl.pallas_call(
