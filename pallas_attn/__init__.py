@@ -3,6 +3,7 @@ from pallas_attn import _compat  # noqa: F401  (installs the Triton deprecation 
 from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from pallas_attn.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                            flash_attn_varlen_qkvpacked_func)
+from pallas_attn import flash_dma  # noqa: F401  (flash_dma.fwd / bwd / topk_mask)
 from pallas_attn.kvcache import flash_attn_with_kvcache
 from pallas_attn.landmark import fused_landmark_attention
 from pallas_attn.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
@@ -21,6 +22,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "flash_dma",
     "fused_landmark_attention",
     "fa2_func_with_sink",
     "fa2_kvpacked_func_with_sink",
