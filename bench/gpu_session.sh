@@ -21,4 +21,5 @@ if [ "${BENCH:-1}" = 1 ]; then
 fi
 phase 50 python3 -m bench.sparse 2>&1 | tail -8
 phase 60 python3 -m bench.landmark 2>&1 | tail -10
+phase 90 python3 -m bench.dma 2>&1 | tail -14
 phase 45 python3 bench/bridge_overhead.py 2>&1 | tail -14
