@@ -32,8 +32,8 @@ VARIANTS = (
 # models are all decoders), and every extra problem costs a compile per provider in the default budget.
 VARIANT_CAUSAL = (True,)
 
-# Decode rows wait for the kv-cache API (pallas_attn.flash_attn_with_kvcache); until it exists the whole
-# row is reported as skipped. The first is SPEC section 6's FA2 yardstick (409 us).
+# Decode rows run flash_attn_with_kvcache over a full contiguous cache (bench/decode.py adds paged caches
+# and append steps). The first is SPEC section 6's FA2 yardstick (409 us).
 DECODE = (
     ("kvcache", dict(b=8, h=32, sq=1, sk=8192, d=128)),
     ("kvcache-gqa8", dict(b=8, h=32, sq=1, sk=8192, d=128, group=8)),

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_attn import (fa2_func_with_sink, flash_attn_func, flash_attn_kvpacked_func,
-                         flash_attn_qkvpacked_func, flash_attn_varlen_func, fused_landmark_attention,
-                         sparse_attention)
+                         flash_attn_qkvpacked_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                         fused_landmark_attention, sparse_attention)
+from pallas_attn.kvcache_reference import kvcache_reference
 from pallas_attn.reference import (attention_reference, landmark_attention_reference,
                                    sparse_attention_reference)
 
@@ -229,6 +230,42 @@ def _landmark(name, block_size=16):
   return Entry(name, make, ours, reference, wrt=("q", "k", "v"), outputs=("out",))
 
 
+def _kvcache(name, page=16, s_new=2, **options):
+  """Paged cache (pages in shuffled order), rotary on half the head dim, per-row lengths; the
+  appended caches are outputs too (forward only)."""
+  def make(p, key):
+    ks = jax.random.split(key, 6)
+    n_pages = p.b * (p.s // page)
+    half = p.d // 4
+    angles = jnp.arange(p.s + s_new)[:, None] * (10000.0 ** (-jnp.arange(half) / half))[None, :]
+    return dict(
+        q=_normal(ks[0], (p.b, s_new, p.h, p.d), p.dtype),
+        k_cache=_normal(ks[1], (n_pages, page, p.hk, p.d), p.dtype),
+        v_cache=_normal(ks[2], (n_pages, page, p.hk, p.d), p.dtype),
+        k=_normal(ks[3], (p.b, s_new, p.hk, p.d), p.dtype),
+        v=_normal(ks[4], (p.b, s_new, p.hk, p.d), p.dtype),
+        rotary_cos=jnp.cos(angles).astype(p.dtype), rotary_sin=jnp.sin(angles).astype(p.dtype),
+        cache_seqlens=jnp.maximum(p.s - s_new - 7 * jnp.arange(p.b, dtype=jnp.int32), 0),
+        block_table=jax.random.permutation(ks[5], n_pages).astype(jnp.int32).reshape(p.b, -1))
+
+  def args(x):
+    return (x["q"], x["k_cache"], x["v_cache"], x["k"], x["v"], x["rotary_cos"], x["rotary_sin"],
+            x["cache_seqlens"])
+
+  def ours(x):
+    (out, lse), k_cache, v_cache = flash_attn_with_kvcache(
+        *args(x), block_table=x["block_table"], return_softmax_lse=True, **options)
+    return out, lse, k_cache, v_cache
+
+  def reference(x, upcast):
+    (out, lse), k_cache, v_cache = kvcache_reference(
+        *args(x), block_table=x["block_table"], upcast=upcast,
+        **{n: o for n, o in options.items() if n != "num_splits"})
+    return out, lse, k_cache, v_cache
+
+  return Entry(name, make, ours, reference, wrt=(), outputs=("out", "lse", "k_cache", "v_cache"))
+
+
 ENTRIES = [
     _dense("flash_attn_func", hk_equals_h=True),
     _dense("flash_attn_func causal", hk_equals_h=True, causal=True),
@@ -243,6 +280,7 @@ ENTRIES = [
     _sparse("sparse_attention local", "local", 24),
     _sparse("sparse_attention strided", "strided", 8),
     _landmark("fused_landmark_attention"),
+    _kvcache("flash_attn_with_kvcache paged", causal=True, rotary_interleaved=False, num_splits=3),
 ]
 
 
