@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import (fa2_func_with_sink, flash_attn_func, flash_attn_kvpacked_func,
+from pallas_attn import (fa2_func_with_sink, flash_attn_func, flash_dma, flash_attn_kvpacked_func,
                          flash_attn_qkvpacked_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                          fused_landmark_attention, sparse_attention)
 from pallas_attn.kvcache_reference import kvcache_reference
-from pallas_attn.reference import (attention_reference, landmark_attention_reference,
-                                   sparse_attention_reference)
+from pallas_attn.reference import (attention_reference, dynamic_mask_reference,
+                                   landmark_attention_reference, sparse_attention_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +266,25 @@ def _kvcache(name, page=16, s_new=2, **options):
   return Entry(name, make, ours, reference, wrt=(), outputs=("out", "lse", "k_cache", "v_cache"))
 
 
+def _dynamic_mask(name, keep_window_size, **options):
+  """flash_dma.fwd with the top-k mask of zoh; zoh is differentiable, the mask is not."""
+  def make(p, key):
+    x = _qkv_inputs(p, key)
+    x["zoh"] = _normal(jax.random.fold_in(key, 7), (p.b, p.hk, p.s, p.s), p.dtype)
+    x["active_mask"] = flash_dma.topk_mask(x["zoh"], keep_window_size, options.get("is_causal", False))
+    return x
+
+  def ours(x):
+    out, lse, _, _ = flash_dma.fwd(x["q"], x["k"], x["v"], x["zoh"], x["active_mask"], **options)
+    return out, lse
+
+  def reference(x, upcast):
+    return dynamic_mask_reference(x["q"], x["k"], x["v"], x["zoh"], x["active_mask"], upcast=upcast,
+                                  **options)
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v", "zoh"))
+
+
 ENTRIES = [
     _dense("flash_attn_func", hk_equals_h=True),
     _dense("flash_attn_func causal", hk_equals_h=True, causal=True),
@@ -280,6 +299,7 @@ ENTRIES = [
     _sparse("sparse_attention local", "local", 24),
     _sparse("sparse_attention strided", "strided", 8),
     _landmark("fused_landmark_attention"),
+    _dynamic_mask("flash_dma.fwd top-k causal", 24, is_causal=True),
     _kvcache("flash_attn_with_kvcache paged", causal=True, rotary_interleaved=False, num_splits=3),
 ]
 

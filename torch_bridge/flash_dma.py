@@ -17,7 +17,7 @@ import torch
 
 from pallas_attn import flash, flash_dma as jax_dma
 from torch_bridge import _dlpack, _ops, compat
-from torch_bridge.flash_attn import _require_tensor
+from torch_bridge.flash_attn import _require_tensor, dropout_seed
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor zoh, Tensor active_mask, Tensor? seed, "
              "float p_dropout, float? softmax_scale, bool is_causal, float softcap")
@@ -144,11 +144,12 @@ def topk_mask(zoh, keep_window_size: int, is_causal: bool = False):
 
 
 def _draw_seed(gen, device) -> torch.Tensor:
-  """int32 (1,) dropout seed from `gen` (default: torch's default generator of the device)."""
-  gen_device = gen.device if gen is not None else torch.device("cpu")
-  seed = torch.randint(-2 ** 31, 2 ** 31 - 1, (1,), dtype=torch.int64, generator=gen,
-                       device=gen_device).to(torch.int32)
-  return seed.to(device)
+  """int32 (1,) dropout seed: from `gen` when given, else from torch's default generator of the
+  tensors' device, as the flash_attn functions draw theirs (torch.manual_seed replays a run)."""
+  if gen is None:
+    return dropout_seed(1.0, device)
+  seed = torch.randint(-2 ** 31, 2 ** 31, (1,), dtype=torch.int64, generator=gen, device=gen.device)
+  return seed.to(device=device, dtype=torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,7 +185,7 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
     keep_window_size: keys kept per query when active_mask is None and seqlen_k > keep_window_size.
     softcap: > 0 applies softcap * tanh(scaled score / softcap) before zoh is added.
     return_softmax: also return the attention weights P (dropped entries negated) as `p`.
-    gen: torch.Generator for the dropout seed (default: torch's default CPU generator).
+    gen: torch.Generator for the dropout seed (default: torch's default generator of q's device).
   Returns:
     [out, softmax_lse (batch_size, num_heads, seqlen_q) float32 (+inf on rows with no visible key,
     whose output is 0), p ((batch_size, num_heads, seqlen_q, seqlen_k) or empty), rng_state ((2,)
