@@ -106,9 +106,10 @@ def _import_fn():
   `_Importer` checks its result once per device (zero-copy, shape, device) and falls back to the
   public function on any mismatch or error.
   """
-  # Opt-in only: a full CPU test run once crashed (SIGSEGV) inside a kernel call whose operands came
-  # through this path, and the public import has not shown that.
-  if os.environ.get("TORCH_BRIDGE_FAST_DLPACK", "0") in ("", "0"):
+  # TORCH_BRIDGE_FAST_DLPACK=0 turns it off. (It was briefly opt-in after a SIGSEGV in a full CPU
+  # test run; that crash was the process running out of memory mappings during an XLA compile,
+  # see tests/conftest.py, not this import.)
+  if os.environ.get("TORCH_BRIDGE_FAST_DLPACK", "1") in ("", "0"):
     return None
   try:
     from jax._src.lib import _jax as jaxlib  # pylint: disable=g-import-not-at-top
