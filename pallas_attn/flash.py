@@ -9,7 +9,9 @@ elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
 Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
 (b, H, sq, s_sink) for "ssh" ((H, total_q, s_sink) varlen; pallas_attn/sink.py has the public
 layouts); seqlens (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen, where q is (total_q, H, d),
-k/v (total_k, Hk, d) and lse (H, total_q); seed int32 (1,) for spec.dropout_p > 0; bias (like q's
+k/v (total_k, Hk, d) and lse (H, total_q), plus a third entry, the block table (b, max_blocks) int32,
+for spec.page, where k/v are paged caches (num_blocks, page, Hk, d) (forward only: the backward
+raises); seed int32 (1,) for spec.dropout_p > 0; bias (like q's
 dtype) and keep, both (b, Hk, sq, sk), for spec.bias_mask (the bias gets a gradient, keep none).
 """
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _run_forward(q, k, v, alibi, opt, spec, cfgs, into=None):
 
 
 def _run_backward(q, k, v, alibi, opt, out, lse, dout, dlse, spec, cfgs, into=None):
+  if spec.page:
+    # As in flash-attn, paged keys are an inference path: there is no dK/dV into a page pool.
+    raise NotImplementedError("block_table: paged keys/values are forward-only; gradients through "
+                              "a paged attention call are not supported")
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),

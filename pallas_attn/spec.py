@@ -29,10 +29,17 @@ class AttentionSpec:
   # (b, Hk, sq, sk) and shared by a kv head's query heads, read tile by tile; the tiles each program
   # visits come from per-(batch, kv head) tables built from the mask (masking.dynamic_tables).
   bias_mask: bool = False
+  # > 0 (varlen forward only): keys and values are paged caches (num_blocks, page, Hk, d), and key
+  # position p of sequence s lives in page block_table[s, p // page], row p % page. Key tiles are
+  # cut so that none straddles a page, and each is read from its page in place.
+  page: int = 0
 
   def __post_init__(self):
     if self.bias_mask and (self.mask.tabled or self.varlen or self.sink or self.alibi):
       raise ValueError("bias_mask combines only with band masks, softcap and dropout")
+    # A key tile (a power of two >= 16, Triton's smallest dot) must divide the page.
+    if self.page and not (self.varlen and not self.mask.tabled and self.page % 16 == 0):
+      raise ValueError("page: paged keys need varlen, a band mask and a page size divisible by 16")
 
   @property
   def tabled(self) -> bool:

@@ -2,7 +2,9 @@
 
 Layouts are flash-attn's. Batched: q (b, sq, H, d), k/v (b, sk, Hk, d), lse (b, H, sq). Varlen
 (spec.varlen): q (total_q, H, d), k/v (total_k, Hk, d), lse (H, total_q), with int32 cu_seqlens_q/k
-(b + 1,) giving each sequence's rows. Every kernel sees whole sequences through its refs and addresses
+(b + 1,) giving each sequence's rows; with spec.page (forward only) k/v are paged caches
+(num_blocks, page, Hk, d) and an int32 block table (b, max_blocks) says which page holds each run
+of `page` keys of a sequence. Every kernel sees whole sequences through its refs and addresses
 tiles by offset, so both layouts run the same code; the head dim is padded to a power of two on load
 (masked, never materialized). Three kernels:
 
@@ -144,7 +146,7 @@ class _Refs:
 
 
 def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -> _Refs:
-  """Order of the optional inputs: cu_seqlens q and k, ALiBi slopes, sink logits, dropout seed, the
+  """Order of the optional inputs: cu_seqlens q and k (and the block table when paged), ALiBi slopes, sink logits, dropout seed, the
   dynamic mask's bias and keep arrays, the four tile tables; aliased output buffers sit between them
   and the outputs and are never read."""
   pos = 0
@@ -154,7 +156,7 @@ def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -
     pos += n
     return tuple(refs[pos - n:pos])
 
-  seqlens = take(2) if spec.varlen else None
+  seqlens = take(3 if spec.page else 2) if spec.varlen else None
   alibi = take(1)[0] if spec.alibi else None
   sink = take(1)[0] if spec.sink and with_sink else None
   seed = take(1)[0] if spec.dropout_p > 0 else None
@@ -220,10 +222,19 @@ class _Seq:
 def _sequence(spec: AttentionSpec, seqlens, index) -> _Seq:
   if seqlens is None:
     return _Seq(0, 0, spec.mask)
-  cu_q, cu_k = seqlens
+  cu_q, cu_k = seqlens[:2]
   q0, k0 = cu_q[index], cu_k[index]
   mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=cu_k[index + 1] - k0)
   return _Seq(q0, k0, mask)
+
+
+def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int):
+  """Where keys [start, start + bk) of sequence `index` live in k/v: rows of the packed layout, or
+  rows of the one page that holds them (the tile never straddles a page)."""
+  if not spec.page:
+    return pl.ds(seq.k0 + start, bk), slice(None)
+  page = seqlens[2][index, lax.div(start, spec.page)]
+  return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
 def _when_active(active, run, idle=None):
@@ -305,6 +316,11 @@ class _Blocks:
   def __init__(self, spec: AttentionSpec, dp: int, group: int):
     self.varlen, self.dp, self.group = spec.varlen, dp, group
 
+  def pages(self, x, head_of):
+    """A paged cache (num_blocks, page, Hk, d): every page of kv head head_of(hh)."""
+    return pl.BlockSpec((x.shape[0], x.shape[1], None, self.dp),
+                        lambda i, j, hh: (0, 0, head_of(hh), 0))
+
   def heads(self, x, head_of=lambda hh: hh, width=None):
     """q-, k- or v-shaped array: (seq rows, [width heads,] dp) for head head_of(hh)."""
     if self.varlen:
@@ -376,7 +392,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       start = kv_tile * bk
       cols = start + jnp.arange(bk)
       kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-      k = _load(k_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk)
+      k = _load(k_ref.at[kv_at], kv_mask, 0.0)
       s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
       keep = None
       if dyn is not None:
@@ -390,7 +407,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       alpha = jnp.exp2(m_i - m_use)
       p = jnp.exp2(s - m_use[:, None])
       l_i = l_i * alpha + jnp.sum(p, axis=1)
-      v = _load(v_ref.at[pl.ds(seq.k0 + start, bk), :], kv_mask, 0.0)
+      v = _load(v_ref.at[kv_at], kv_mask, 0.0)
       # lse and the normalizer count every probability; only P @ V sees the dropped ones
       # (their 1 / (1 - p) scale is applied once, at the end).
       p = drop.apply(p, rows, cols, scaled=False)
@@ -417,7 +434,8 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
             spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
   """out like q and lse fp32 (natural log; +inf on empty rows), batched or varlen layout.
 
-  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen. bias, keep: (b, Hk, sq, sk) for
+  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen, then the block table
+  (b, max_blocks) int32 for spec.page. bias, keep: (b, Hk, sq, sk) for
   spec.bias_mask. into: optional (out, lse) buffers the results are written into (aliased, so a
   caller that donates them gets its own memory back).
   """
@@ -426,14 +444,17 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
   cfg = cfgs.fwd
+  if spec.page:
+    cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, spec.page & -spec.page))
   n_q = pl.cdiv(spec.sq, cfg.block_q)
   reverse = _causal_like(spec.mask)
   blocks = _Blocks(spec, dp, group)
   lse_shape = (h, q.shape[0]) if spec.varlen else (q.shape[0], h, q.shape[1])
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
                              reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1])
-  in_specs = [blocks.heads(q), blocks.heads(k, lambda hh: hh // group),
-              blocks.heads(v, lambda hh: hh // group)]
+  kv_blocks = blocks.pages if spec.page else blocks.heads
+  in_specs = [blocks.heads(q), kv_blocks(k, lambda hh: hh // group),
+              kv_blocks(v, lambda hh: hh // group)]
   args = [q, k, v]
   if spec.varlen:
     in_specs += [_whole(s) for s in seqlens]
