@@ -106,7 +106,7 @@ def _varlen_inputs(seed, lq, lk, h, hk, d, dtype):
   return q, k, v, dout, slopes
 
 
-def _varlen_references(q, k, v, dout, lq, lk, keep, p, slopes, opts):
+def varlen_references(q, k, v, dout, lq, lk, keep, p, slopes, opts):
   """(accurate, lowp, probabilities): per-sequence attention_reference on the kernel's keep mask
   (keep (batch, H, max_q, max_k)), packed like the varlen outputs; probabilities padded like S_dmask."""
   cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
@@ -165,7 +165,7 @@ def test_varlen_parity_with_the_kernels_keep_mask(lq, lk, opts, alibi, dtype):
   frac = keep[np.broadcast_to(inside[:, None], sd.shape)].mean()
   assert 0.6 < frac < 0.8, frac
 
-  ref, lowp, probs = _varlen_references(q, k, v, dout, lq, lk, jnp.asarray(keep), p, slopes, opts)
+  ref, lowp, probs = varlen_references(q, k, v, dout, lq, lk, jnp.asarray(keep), p, slopes, opts)
   numerics.check_attention((out, lse, *grads), lowp, ref)
   # |S_dmask| is P of each sequence: its own alignment, band and ALiBi distances.
   # S_dmask is stored in the input dtype: its rounding is the yardstick.
@@ -233,3 +233,18 @@ def test_varlen_sink_with_dropout():
   again = pa.fa2_varlen_func_with_sink(q, k, v, cu, cu, 11, 11, sink, dropout_p=0.3, causal=True,
                                        dropout_key=key)
   np.testing.assert_array_equal(out, again)
+
+
+def test_varlen_lowers_for_cuda():
+  q = jnp.zeros((300, 8, 64), jnp.bfloat16)
+  k = jnp.zeros((300, 2, 64), jnp.bfloat16)
+  cu = _cu([100, 200])
+
+  def f(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: pa.flash_attn_varlen_func(
+        q, k, v, cu, cu, 200, 200, dropout_p=0.1, causal=True, dropout_key=jax.random.PRNGKey(0)),
+                       q, k, v)
+    return vjp(out)
+
+  assert jax.jit(f).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text().count(
+      "__gpu$xla.gpu.triton") == 3

@@ -273,7 +273,6 @@ def test_varlen_errors_name_the_argument():
   _varlen_raises(ValueError, r"^max_seqlen_k: expected a positive Python int",
                  max_seqlen_k=torch.tensor(10))
   _varlen_raises(ValueError, r"^q: expected a 3-D array", q=torch.randn(1, 19, 2, 16))
-  _varlen_raises(NotImplementedError, r"dropout_p > 0", dropout_p=0.1)
   _varlen_raises(NotImplementedError, r"block_table", block_table=torch.zeros(2, 1, dtype=torch.int32))
   qkv = torch.randn(19, 3, 2, 16)
   with pytest.raises(TypeError, match=r"^cu_seqlens: expected dtype torch.int32, got torch.int64"):
@@ -307,12 +306,12 @@ def test_new_ops_pass_opcheck():
   g = torch.Generator().manual_seed(9)
   cu = _cu([6, 10])
   varlen = (_randn(g, 16, 2, 16), _randn(g, 16, 1, 16), _randn(g, 16, 1, 16), cu, cu, 10, 10, None,
-            0.0, None, True, -1, -1, 0.0)
+            0.0, None, True, -1, -1, 0.0, None)
   torch.library.opcheck(torch.ops.pallas_attn.flash_attn_varlen_fwd.default, varlen)
   torch.library.opcheck(torch.ops.pallas_attn.flash_attn_varlen_sink_fwd.default,
                         (*varlen, _randn(g, 16, 3, 2), "ssh"))
   dense = (_randn(g, 1, 16, 2, 16), _randn(g, 1, 16, 1, 16), _randn(g, 1, 16, 1, 16),
-           torch.tensor([0.25, 0.5]), 0.0, None, True, -1, -1, 0.0, _randn(g, 3, 2), "sh")
+           torch.tensor([0.25, 0.5]), 0.0, None, True, -1, -1, 0.0, None, _randn(g, 3, 2), "sh")
   torch.library.opcheck(torch.ops.pallas_attn.flash_attn_sink_fwd.default, dense)
 
 
@@ -459,14 +458,14 @@ def test_sink_kernels_write_every_output_in_place():
   z = jax.random.normal(ks[3], (1, 16, 2, 2))
   outs = [jnp.zeros_like(q), jnp.zeros((1, 2, 16))]
   ptrs = [x.unsafe_buffer_pointer() for x in outs]
-  out, lse = bridge_sink._forward_into(q, k, v, None, None, None, z, *outs, spec, cfgs)
+  out, lse = bridge_sink._forward_into(q, k, v, None, None, None, z, None, *outs, spec, cfgs)
   assert [x.unsafe_buffer_pointer() for x in (out, lse)] == ptrs
   grads = [jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), jnp.zeros_like(z)]
   ptrs = [x.unsafe_buffer_pointer() for x in grads]
-  got = bridge_sink._backward_into(q, k, v, None, None, None, z, out, lse, q, None, *grads, spec,
-                                   cfgs)
+  got = bridge_sink._backward_into(q, k, v, None, None, None, z, None, out, lse, q, None, *grads,
+                                   spec, cfgs)
   assert [x.unsafe_buffer_pointer() for x in got] == ptrs
-  want = bridge_sink._backward(q, k, v, None, None, None, z, out, lse, q, None, spec, cfgs)
+  want = bridge_sink._backward(q, k, v, None, None, None, z, None, out, lse, q, None, spec, cfgs)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -490,7 +489,7 @@ def test_sink_errors_name_the_argument():
       (fa2, dict(sink=torch.zeros(1, 8, 2, 2), sink_layout="ssh"), ValueError,
        r"^sink: expected shape \(1, 16, s_sink, 2\)"),
       (fa2, dict(sink=np.zeros((2, 2), np.float32)), TypeError, r"^sink: expected a torch.Tensor"),
-      (fa2, dict(sink=torch.zeros(2, 2), dropout_p=0.1), NotImplementedError, r"dropout_p > 0"),
+      (fa2, dict(sink=torch.zeros(2, 2), dropout_p=1.0), ValueError, r"^dropout_p: expected a float"),
       (fa3, dict(sink=torch.zeros(1, 2), qv=torch.ones(1)), NotImplementedError, r"^qv"),
       (fa3, dict(sink=torch.zeros(1, 2), attention_chunk=64), NotImplementedError, r"^attention_chunk"),
   ]

@@ -58,7 +58,7 @@ def dropout_seed(dropout_p, device):
 
 
 def _static(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
-            softcap, seed, *_):
+            softcap, seed=None, *_):
   tensors = (q, k, v, alibi_slopes)
   static = _spec(tuple(None if t is None else t.shape for t in tensors),
                  tuple(None if t is None else t.dtype for t in tensors),
