@@ -83,7 +83,9 @@ def _check_block_table(block_table, batch: int, num_blocks: int, page: int, cu_s
     raise ValueError(f"block_table: expected shape ({batch}, max_num_blocks_per_seq), got "
                      f"{tuple(block_table.shape)}")
   max_blocks = block_table.shape[1]
-  checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch * max_blocks * page, batch)
+  # Paged keys are not packed: the offsets bound no buffer, and each length is checked against
+  # the table's capacity below.
+  checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, np.iinfo(np.int32).max, batch)
   cu, table = _values(cu_seqlens_k), _values(block_table)
   if cu is None:
     return

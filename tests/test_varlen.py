@@ -111,7 +111,8 @@ def test_same_result_for_any_max_seqlen_bound():
     (lambda a: dict(a, max_seqlen_q=8), ValueError, "max_seqlen_q"),
     (lambda a: dict(a, max_seqlen_k=9.0), ValueError, "max_seqlen_k"),
     (lambda a: dict(a, q=a["q"][None]), ValueError, "q"),
-    (lambda a: dict(a, block_table=jnp.zeros((2, 1), jnp.int32)), NotImplementedError, "block_table"),
+    # Paged keys come as (num_blocks, page, nheads_k, headdim) caches (tests/test_varlen_paged.py).
+    (lambda a: dict(a, block_table=jnp.zeros((2, 1), jnp.int32)), ValueError, "k: expected a 4-D"),
 ])
 def test_bad_input(mutate, err, match):
   q = jnp.ones((19, 2, 16))

@@ -3,7 +3,9 @@
 Sequences are packed along the token axis: sequence s owns rows [cu_seqlens[s], cu_seqlens[s + 1]).
 Two custom ops carry the work (`pallas_attn::flash_attn_varlen_fwd` / `flash_attn_varlen_bwd`,
 backed by pallas_attn.flash's jitted forward and backward with the offsets as operands); the public
-functions only check the offsets, unpack packed layouts and shape the return value. Dropout is seeded
+functions only check the offsets, unpack packed layouts and shape the return value. Paged keys
+(block_table) take a third op, `flash_attn_varlen_paged_fwd`: forward only, as in flash-attn (its
+autograd formula raises). Dropout is seeded
 as on the dense face (torch_bridge/flash_attn.py); the keep mask hashes (sequence index, head, row,
 column) with rows and columns counted within the sequence.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from pallas_attn import checks, flash
-from pallas_attn.flash_attn_varlen import prepare_varlen, s_dmask_varlen
+from pallas_attn.flash_attn_varlen import _check_block_table, prepare_varlen, s_dmask_varlen
 from torch_bridge import _dlpack, _ops, compat
 from torch_bridge.flash_attn import _require_tensor, _window, attn_probs, check_seed, dropout_seed
 
@@ -65,7 +67,7 @@ def _spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, 
 
 
 def _static(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
-            softmax_scale, causal, window_left, window_right, softcap, seed=None, *_):
+            softmax_scale, causal, window_left, window_right, softcap, seed, *_):
   tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
   static = _spec(tuple(None if t is None else t.shape for t in tensors),
                  tuple(None if t is None else t.dtype for t in tensors),
@@ -182,6 +184,67 @@ _s_dmask_op = _ops.kernel_op(
     outputs=_s_dmask_outputs, static=_s_dmask_static, operands=_s_dmask_operands)
 
 
+# Paged keys/values (block_table): forward only and without dropout, so no seed and no backward op.
+_PAGED_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+               "Tensor block_table, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, "
+               "float? softmax_scale, bool causal, int window_left, int window_right, float softcap")
+
+
+@functools.lru_cache(maxsize=1024)
+def _paged_spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                window_right, softcap):
+  """_spec for paged k/v; shapes/dtypes of (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table,
+  alibi_slopes)."""
+  names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "block_table", "alibi_slopes")
+  metas = [None if s is None else (tuple(s), _dlpack.jax_dtype(n, d))
+           for n, s, d in zip(names, shapes, dtypes)]
+  q, k, v = (jax.ShapeDtypeStruct(*m) for m in metas[:3])
+  cu_q, cu_k, table = (_Offsets(*m) for m in metas[3:6])
+  alibi_slopes = None if metas[6] is None else np.zeros(*metas[6])
+  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0,
+                                     softmax_scale, causal, (window_left, window_right), softcap,
+                                     alibi_slopes, table)
+  return kernel_spec, None
+
+
+def _paged_static(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
+                  alibi_slopes, *rest):
+  tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes)
+  return _paged_spec(tuple(None if t is None else t.shape for t in tensors),
+                     tuple(None if t is None else t.dtype for t in tensors),
+                     max_seqlen_q, max_seqlen_k, *rest)
+
+
+def _paged_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, _max_q, _max_k, alibi_slopes,
+                    *_):
+  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, block_table
+
+
+def _paged_forward_into(q, k, v, alibi, cu_q, cu_k, table, out, lse, kernel_spec, cfgs):
+  return flash.forward_into(q, k, v, alibi, out, lse, kernel_spec, cfgs, None, (cu_q, cu_k, table))
+
+
+def _paged_forward(q, k, v, alibi, cu_q, cu_k, table, kernel_spec, cfgs):
+  return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, (cu_q, cu_k, table))
+
+
+_paged_fwd = _ops.kernel_op(
+    "flash_attn_varlen_paged_fwd", f"({_PAGED_ARGS}) -> (Tensor, Tensor)",
+    kernel=_dlpack.Kernel(into=_paged_forward_into, plain=_paged_forward),
+    outputs=_fwd_outputs, static=_paged_static, operands=_paged_operands)
+
+
+def _paged_backward(ctx, *grads):
+  del ctx, grads
+  raise NotImplementedError("block_table: paged keys/values are forward-only, as in flash-attn; "
+                            "run the paged call under torch.no_grad() or without block_table")
+
+
+# Inputs that require grad still get a forward (flash-attn's paged path works in eval code that
+# forgot no_grad); only an actual backward through it fails, and says why.
+torch.library.register_autograd(_paged_fwd, _paged_backward)
+
+
 def _require_offsets(name, cu):
   """cu_seqlens must be int32 tensors, as in flash-attn (whose kernels read them as int32)."""
   if not isinstance(cu, torch.Tensor):
@@ -236,12 +299,49 @@ def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 _NAMES = (("cu_seqlens_q", "max_seqlen_q"), ("cu_seqlens_k", "max_seqlen_k"))
 
 
+def _paged_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, block_table):
+  """The paged forward op's arguments after the public checks (the op's static step checks shapes)."""
+  if not isinstance(block_table, torch.Tensor):
+    raise TypeError(f"block_table: expected an int32 torch.Tensor (batch, max_num_blocks_per_seq), "
+                    f"got {type(block_table).__name__}")
+  if float(dropout_p) != 0.0:
+    raise ValueError(f"block_table: paged keys/values are a forward-only (inference) path without "
+                     f"dropout; expected dropout_p=0, got {dropout_p!r}")
+  _require_tensor("q", q, "(total_q, nheads, headdim)")
+  _require_tensor("k", k, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _require_tensor("v", v, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _require_offsets("cu_seqlens_q", cu_seqlens_q)
+  _require_offsets("cu_seqlens_k", cu_seqlens_k)
+  max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q)
+  max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k)
+  if alibi_slopes is not None:
+    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+  tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
+  if (not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+      and q.dim() == 3 and k.dim() == 4 and block_table.dim() == 2
+      and block_table.dtype == torch.int32):
+    # Values, where reading them costs no device sync (see _check_offset_values).
+    cu_q, cu_k = cu_seqlens_q.detach().numpy(), cu_seqlens_k.detach().numpy()
+    batch = checks.check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0])
+    checks.check_max_seqlen("max_seqlen_q", max_q, cu_q)
+    if block_table.shape[0] == batch and block_table.shape[1] > 0 and k.shape[1] > 0:
+      _check_block_table(block_table.detach().numpy(), batch, k.shape[0], k.shape[1], cu_k)
+      checks.check_max_seqlen("max_seqlen_k", max_k, cu_k)
+  left, right = _window(window_size)
+  return (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_q, max_k, alibi_slopes,
+          None if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
+          float(softcap))
+
+
 def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, block_table, names=_NAMES):
   """The forward op's arguments after the public checks, with a freshly drawn dropout seed."""
   if block_table is not None:
-    # flash-attn's paged varlen path is forward-only; pallas_attn has no paged varlen kernel yet.
-    raise NotImplementedError("block_table (paged keys/values) in varlen is not supported yet")
+    # flash_attn_varlen_func routes paged calls to their own op; other callers (the sink family)
+    # have no paged kernel on this face.
+    raise NotImplementedError("block_table (paged keys/values) is supported by "
+                              "flash_attn_varlen_func only")
   max_q, max_k = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
   if alibi_slopes is not None:
     _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
@@ -255,6 +355,13 @@ def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table,
             names=_NAMES):
+  if block_table is not None:
+    out, lse = _paged_fwd(*_paged_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                       softcap, alibi_slopes, block_table))
+    if return_attn_probs:
+      return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
+    return out
   args = op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, block_table, names)
   out, lse = _varlen_op(*args)
@@ -275,11 +382,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
   key gives out 0 and softmax_lse +inf.
 
   Arguments:
-    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads a multiple of nheads_k.
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads a multiple of nheads_k,
+      or with block_table paged caches (num_blocks, page_block_size, nheads_k, headdim),
+      page_block_size a power of two >= 16 or a multiple of 256.
       float16, bfloat16 or float32, all on one device (CUDA: the current device; CPU tensors run the
       kernels in Pallas interpret mode). headdim <= 256.
     cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets, starting at 0 and non-decreasing
-      (values are checked for CPU tensors only).
+      (values are checked for CPU tensors only). With block_table, cu_seqlens_k gives only each
+      sequence's key count.
     max_seqlen_q, max_seqlen_k: Python ints >= every sequence length. They are rounded up to a power
       of two for the compiled kernel, so a new value recompiles only when it crosses one.
     dropout_p: as flash_attn_func (seeded from torch's default generator; torch.manual_seed
@@ -288,7 +398,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as flash_attn_func;
       alibi_slopes (nheads,) or (batch, nheads) float32.
     return_attn_probs: also return softmax_lse and S_dmask.
-    block_table: paged keys/values; raises NotImplementedError.
+    block_table: optional int32 (batch, max_num_blocks_per_seq): key p of sequence s is row
+      p % page_block_size of page block_table[s, p // page_block_size]. Forward only, as in
+      flash-attn: dropout_p must be 0, and a backward through the result raises
+      NotImplementedError.
   Returns:
     out (total_q, nheads, headdim), or with return_attn_probs (out, softmax_lse, S_dmask):
     softmax_lse (nheads, total_q) float32 (differentiable), and S_dmask: an empty tensor without
