@@ -67,7 +67,7 @@ def _spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, 
 
 
 def _static(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
-            softmax_scale, causal, window_left, window_right, softcap, seed, *_):
+            softmax_scale, causal, window_left, window_right, softcap, seed=None, *_):
   tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
   static = _spec(tuple(None if t is None else t.shape for t in tensors),
                  tuple(None if t is None else t.dtype for t in tensors),
