@@ -273,7 +273,8 @@ def test_varlen_errors_name_the_argument():
   _varlen_raises(ValueError, r"^max_seqlen_k: expected a positive Python int",
                  max_seqlen_k=torch.tensor(10))
   _varlen_raises(ValueError, r"^q: expected a 3-D array", q=torch.randn(1, 19, 2, 16))
-  _varlen_raises(NotImplementedError, r"block_table", block_table=torch.zeros(2, 1, dtype=torch.int32))
+  # block_table makes k/v paged caches (num_blocks, page_block_size, nheads_k, headdim).
+  _varlen_raises(ValueError, r"^k: expected a 4-D array", block_table=torch.zeros(2, 1, dtype=torch.int32))
   qkv = torch.randn(19, 3, 2, 16)
   with pytest.raises(TypeError, match=r"^cu_seqlens: expected dtype torch.int32, got torch.int64"):
     torch_bridge.flash_attn_varlen_qkvpacked_func(qkv, cu64, 10)
