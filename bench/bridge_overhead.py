@@ -10,9 +10,16 @@
 
     python bench/bridge_overhead.py            # CUDA if torch sees it, else CPU
     python bench/bridge_overhead.py --smoke    # tiny shapes, a few iterations (runs on CPU)
+    python bench/bridge_overhead.py --cpu      # host overhead only, on the CPU, many repetitions
 
-Writes bench/out/bridge_overhead.json and prints a table. On the CPU the numbers only show that
-the script runs: torch's CPU path waits for each result, so "overhead" there includes compute.
+Writes bench/out/bridge_overhead.json and prints a table. Each row is the median over `repeats`
+interleaved rounds (the four variants take turns, so drift in machine load hits them alike) of
+the wall time per call and of the calling thread's CPU time per call. On the CPU the kernels run
+in Pallas interpret mode on XLA's worker threads and both sides wait for every result, so wall
+time includes compute; the difference between bridge and JAX at the same shape is the overhead,
+and the calling thread's CPU time (which excludes XLA's workers) is the steadier measure of it on
+a shared machine. The CPU takes the "copy" output path (XLA's CPU client ignores donation of
+imported buffers), CUDA the "aliased" one: the CPU numbers include one copy per output.
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ SMALL = (1, 128, 4, 64)
 LARGE = (4, 4096, 16, 128)
 SMOKE_SMALL = (1, 16, 2, 32)
 SMOKE_LARGE = (1, 64, 2, 32)
+CPU_SMALL = (1, 16, 2, 16)
+CPU_ITERS, CPU_REPEATS = 100, 15
 
 
 def _sync(device):
@@ -47,17 +56,27 @@ def _sync(device):
 
 def _time_per_call(fn, sync, iters, repeats):
   """Median over `repeats` of the wall time of `iters` back-to-back calls, synced once at the end."""
-  fn()
-  fn()
-  sync()
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(iters):
+  return _time_interleaved({"fn": fn}, sync, iters, repeats)["fn"][0]
+
+
+def _time_interleaved(fns, sync, iters, repeats, warmup=3):
+  """{name: (wall s, calling-thread CPU s)} per call: medians over `repeats` rounds, in each of
+  which every function runs `iters` back-to-back calls (synced once at the end) in turn."""
+  for fn in fns.values():
+    for _ in range(warmup):
       fn()
-    sync()
-    samples.append((time.perf_counter() - t0) / iters)
-  return statistics.median(samples)
+  sync()
+  wall = {n: [] for n in fns}
+  cpu = {n: [] for n in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      c0, t0 = time.thread_time(), time.perf_counter()
+      for _ in range(iters):
+        fn()
+      sync()
+      wall[name].append((time.perf_counter() - t0) / iters)
+      cpu[name].append((time.thread_time() - c0) / iters)
+  return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in fns}
 
 
 def _tensors(shape, dtype, device, seed):
@@ -95,15 +114,19 @@ def host_overhead(shape, dtype, device, iters, repeats):
     jax.block_until_ready(list(last.get(n) for n in ("o", "g") if n in last))
     _sync(device)
 
-  rows = {}
-  for name, fn in (("jax_fwd", jax_fwd), ("bridge_fwd", bridge_fwd), ("jax_fwd_bwd", jax_fwd_bwd),
-                   ("bridge_fwd_bwd", bridge_fwd_bwd)):
-    rows[name] = _time_per_call(fn, sync_all, iters, repeats) * 1e6
+  times = _time_interleaved(
+      {"jax_fwd": jax_fwd, "bridge_fwd": bridge_fwd, "jax_fwd_bwd": jax_fwd_bwd,
+       "bridge_fwd_bwd": bridge_fwd_bwd}, sync_all, iters, repeats, warmup=20)
+  rows = {n: wall * 1e6 for n, (wall, _) in times.items()}
+  cpu = {n: c * 1e6 for n, (_, c) in times.items()}
   return {
-      "shape": list(shape), "dtype": str(dtype),
+      "shape": list(shape), "dtype": str(dtype), "iters": iters, "repeats": repeats,
       "us_per_call": rows,
+      "thread_cpu_us_per_call": cpu,
       "added_us_fwd": rows["bridge_fwd"] - rows["jax_fwd"],
       "added_us_fwd_bwd": rows["bridge_fwd_bwd"] - rows["jax_fwd_bwd"],
+      "added_thread_cpu_us_fwd": cpu["bridge_fwd"] - cpu["jax_fwd"],
+      "added_thread_cpu_us_fwd_bwd": cpu["bridge_fwd_bwd"] - cpu["jax_fwd_bwd"],
   }
 
 
@@ -195,13 +218,26 @@ def throughput(shape, dtype, device, iters, repeats):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations")
+  parser.add_argument("--cpu", action="store_true",
+                      help=f"host overhead only, on the CPU at {CPU_SMALL} float32 (b, s, H, d), "
+                      f"{CPU_ITERS} calls x {CPU_REPEATS} rounds; no throughput section")
   parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+  parser.add_argument("--shape", default=None, help="small shape b,s,H,d for the host overhead")
+  parser.add_argument("--iters", type=int, default=None, help="calls per round (host overhead)")
+  parser.add_argument("--repeats", type=int, default=None, help="rounds (host overhead)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bridge_overhead.json"))
   args = parser.parse_args(argv)
+  if args.cpu:
+    args.device = "cpu"
   device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
   dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
   small, large = (SMOKE_SMALL, SMOKE_LARGE) if args.smoke else (SMALL, LARGE)
   iters, repeats = (5, 3) if args.smoke else (200, 5)
+  if args.cpu:
+    small, iters, repeats = CPU_SMALL, CPU_ITERS, CPU_REPEATS
+  if args.shape:
+    small = tuple(int(x) for x in args.shape.split(","))
+  iters, repeats = args.iters or iters, args.repeats or repeats
   t_iters = 3 if args.smoke else 20
 
   report = {
@@ -211,7 +247,7 @@ def main(argv=None):
       "smoke": args.smoke,
       "host_overhead": host_overhead(small, dtype, device, iters, repeats),
       "host_components_us": components(small, dtype, device, iters, repeats),
-      "throughput": throughput(large, dtype, device, t_iters, repeats),
+      "throughput": [] if args.cpu else throughput(large, dtype, device, t_iters, repeats),
   }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
@@ -219,14 +255,21 @@ def main(argv=None):
 
   h = report["host_overhead"]
   print(f"device {report['device']}, output path {report['output_path']}, {report['versions']}")
-  print(f"\nhost overhead per call at {tuple(h['shape'])} {h['dtype']} (us)")
+  print(f"\nhost overhead per call at {tuple(h['shape'])} {h['dtype']} (us; medians of "
+        f"{h['repeats']} rounds x {h['iters']} calls)")
+  print(f"  {'':<16} {'wall':>10} {'thread cpu':>11}")
   for name, us in h["us_per_call"].items():
-    print(f"  {name:<16} {us:10.1f}")
-  print(f"  added fwd        {h['added_us_fwd']:10.1f}   (target <= 60)")
-  print(f"  added fwd+bwd    {h['added_us_fwd_bwd']:10.1f}   (two bridged calls: target <= 120)")
+    print(f"  {name:<16} {us:10.1f} {h['thread_cpu_us_per_call'][name]:11.1f}")
+  print(f"  added fwd        {h['added_us_fwd']:10.1f} {h['added_thread_cpu_us_fwd']:11.1f}   "
+        "(target <= 60)")
+  print(f"  added fwd+bwd    {h['added_us_fwd_bwd']:10.1f} {h['added_thread_cpu_us_fwd_bwd']:11.1f}   "
+        "(two bridged calls: target <= 120)")
   print("  of which (measured alone):")
   for name, us in report["host_components_us"].items():
     print(f"    {name:<34} {us:8.1f}")
+  if not report["throughput"]:
+    print(f"\nwrote {args.out}")
+    return report
   print(f"\nthroughput at {tuple(large)} (b, s, H, d) {dtype} (TFLOP/s)")
   print(f"  {'causal':<7}{'jax fwd':>9}{'bridge':>9}{'ratio':>7}{'jax f+b':>9}{'bridge':>9}{'ratio':>7}")
   for row in report["throughput"]:

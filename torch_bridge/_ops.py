@@ -22,6 +22,13 @@ OutputSpec = Sequence[tuple[Sequence[Any], torch.dtype]]  # (shape, dtype) per o
 
 _ARG_NAMES: dict[Any, tuple[str, tuple[str, ...]]] = {}  # kernel op -> (name, argument names)
 
+# Entering this, a call dispatches past the Autograd keys: what torch's own autograd kernel for a
+# custom op does (torch/_library/autograd.py, forward_no_grad) when grad mode is off or no input
+# requires grad, without its Python layers (about 10 us a call). Keys above (autocast, functorch)
+# and below (Python modes, FakeTensor, the backend kernel) still run.
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd  # pylint: disable=protected-access
+_any_requires_grad = torch._C._any_requires_grad  # pylint: disable=protected-access  (that kernel's test)
+
 
 def _arguments(qualname: str, schema: str):
   parsed = torch._C.parse_schema(qualname + schema)  # pylint: disable=protected-access
@@ -114,9 +121,17 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
   returned function uses that, because register_autograd's Python layers cost about 4x as much per
   call with inputs that require grad (torch 2.13: 95 us against 25 us on a slow CPU). Without grad
   mode or without an input that requires grad it calls `fwd` directly: nothing is saved.
+
+  Where torch's autograd kernel for the op would only pass the call through (inside the Function's
+  forward, in a backward without create_graph, and on calls with nothing to record) the op is
+  called below the Autograd dispatch keys instead, as that kernel itself does; calls it has to see
+  (an argument outside `wrt` requires grad, create_graph) still go through it.
   """
   name, names = _ARG_NAMES[fwd]
   slots = tuple(names.index(n) for n in wrt)
+  # The ops' overloads: calling them skips CustomOpDef.__call__ (a Python frame; same dispatch).
+  fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
+  bwd_op = getattr(getattr(torch.ops, NAMESPACE), _ARG_NAMES[bwd][0]).default
 
   def setup_context(ctx, inputs, output):
     outs = output if isinstance(output, tuple) else (output,)
@@ -132,7 +147,11 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
     args = list(ctx.others)
     for j, i in enumerate(ctx.tensor_slots):
       args[i] = saved[j]
-    got = bwd(*grads, *args, *saved[n:])
+    if torch.is_grad_enabled():  # create_graph: torch's autograd kernel sees the call (and refuses
+      got = bwd_op(*grads, *args, *saved[n:])  # a double backward, which bwd has no formula for)
+    else:
+      with _BelowAutograd():
+        got = bwd_op(*grads, *args, *saved[n:])
     got = got if isinstance(got, tuple) else (got,)
     result = [None] * len(args)
     for i, g in zip(slots, got):
@@ -146,7 +165,8 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
 
     @staticmethod
     def forward(ctx, *args):
-      outs = fwd(*args)  # grad mode is off in here, so fwd skips its own autograd layer
+      with _BelowAutograd():  # grad mode is off in here: fwd's own autograd layer would pass through
+        outs = fwd_op(*args)
       setup_context(ctx, args, outs)
       return outs
 
@@ -161,9 +181,11 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
     # autograd.Function when one tensor is passed twice (qkvpacked varlen: cu_seqlens_q is cu_seqlens_k).
     if torch.compiler.is_compiling():
       return fwd(*args)
-    if torch.is_grad_enabled() and any(
-        args[i] is not None and args[i].requires_grad for i in slots):
-      return Function.apply(*args)
-    return fwd(*args)
+    if torch.is_grad_enabled() and _any_requires_grad(*args):
+      if any(args[i] is not None and args[i].requires_grad for i in slots):
+        return Function.apply(*args)
+      return fwd(*args)  # only arguments outside `wrt` require grad: torch's layer records it
+    with _BelowAutograd():  # nothing to record: what fwd's autograd layer would do, minus its layers
+      return fwd_op(*args)
 
   return call
