@@ -30,19 +30,20 @@ _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor zoh, Tensor active_mask, Tens
 @functools.partial(jax.jit, static_argnums=(8, 9), donate_argnums=(6, 7))
 def _forward_into(q, k, v, zoh, active, seed, out, lse, kernel_spec, cfgs):
   return flash.forward_into(q, k, v, None, out, lse, kernel_spec, cfgs, None, None, seed, zoh,
-                            active > 0)
+                            jax_dma.keep_mask(active))
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
 def _forward(q, k, v, zoh, active, seed, kernel_spec, cfgs):
-  return flash.forward(q, k, v, None, kernel_spec, cfgs, None, None, seed, zoh, active > 0)
+  return flash.forward(q, k, v, None, kernel_spec, cfgs, None, None, seed, zoh,
+                       jax_dma.keep_mask(active))
 
 
 # dzoh arrives zero-filled (the kernel writes only the tiles the mask keeps) and must stay aliased.
 @functools.partial(jax.jit, static_argnums=(14, 15), donate_argnums=(10, 11, 12, 13), keep_unused=True)
 def _backward_into(q, k, v, zoh, active, seed, out, lse, dout, dlse, dq, dk, dv, dzoh, kernel_spec,
                    cfgs):
-  opt = (None, None, seed, zoh, active > 0)
+  opt = (None, None, seed, zoh, jax_dma.keep_mask(active))
   return flash._run_backward(q, k, v, None, opt, out, lse, dout, dlse, kernel_spec, cfgs,  # pylint: disable=protected-access
                              into=(dq, dk, dv, dzoh))
 
@@ -50,7 +51,7 @@ def _backward_into(q, k, v, zoh, active, seed, out, lse, dout, dlse, dq, dk, dv,
 @functools.partial(jax.jit, static_argnums=(10, 11))
 def _backward(q, k, v, zoh, active, seed, out, lse, dout, dlse, kernel_spec, cfgs):
   return flash.backward(q, k, v, None, out, lse, dout, dlse, kernel_spec, cfgs, None, None, seed, zoh,
-                        active > 0)
+                        jax_dma.keep_mask(active))
 
 
 _FORWARD = _dlpack.Kernel(into=_forward_into, plain=_forward)
