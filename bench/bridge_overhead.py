@@ -159,12 +159,26 @@ def components(shape, dtype, device, iters, repeats):
   args = lambda x: (x, k, v, None, 0.0, None, True, -1, -1, 0.0)
   target = _dlpack._target(q.device)  # pylint: disable=protected-access
   importer = _dlpack._import  # pylint: disable=protected-access
+  below_autograd = torch._C._AutoDispatchBelowAutograd  # pylint: disable=protected-access
+  overload = torch.ops.bridge_bench.empty.default
+  result = importer(q, target, False) + 0  # a JAX-owned array, as a kernel's result is
+  out = torch.empty_like(q)
+
+  def op_below_autograd():
+    with below_autograd():
+      overload(*args(q))
+
+  def copy_back():
+    _dlpack._copy_back(target, (result,), (out,))  # pylint: disable=protected-access
+
   sync = lambda: _sync(device)
   rows = {
       "custom_op_call": lambda: op(*args(q)),
+      "custom_op_call_below_autograd": op_below_autograd,
       "custom_op_in_autograd_function": lambda: Function.apply(*args(qg)),
       "dlpack_import": lambda: importer(q, target, False),
       "dlpack_import_with_stream_fence": lambda: importer(q, target, True),
+      "copy_back_one_output": copy_back,
   }
   return {n: _time_per_call(fn, sync, iters, repeats) * 1e6 for n, fn in rows.items()}
 

@@ -254,11 +254,11 @@ class _Exporter:
       return False
     try:
       t = torch._C._from_dlpack(self._fast(x, stream=stream))  # pylint: disable=protected-access
+      return (t.data_ptr() == x.unsafe_buffer_pointer() and tuple(t.shape) == tuple(x.shape)
+              and _JAX_DTYPES.get(t.dtype) == x.dtype
+              and (t.device.type == "cpu") == (target.platform == "cpu"))
     except Exception:  # noqa: BLE001  (a changed private signature: use the public path)
       return False
-    return (t.data_ptr() == x.unsafe_buffer_pointer() and tuple(t.shape) == tuple(x.shape)
-            and jax_dtype("result", t.dtype) == x.dtype
-            and (t.device.type == "cpu") == (target.platform == "cpu"))
 
 
 _export = _Exporter()
