@@ -7,6 +7,7 @@ kernel op. Neither knows anything about attention.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,8 +27,11 @@ _ARG_NAMES: dict[Any, tuple[str, tuple[str, ...]]] = {}  # kernel op -> (name, a
 # custom op does (torch/_library/autograd.py, forward_no_grad) when grad mode is off or no input
 # requires grad, without its Python layers (about 10 us a call). Keys above (autocast, functorch)
 # and below (Python modes, FakeTensor, the backend kernel) still run.
-_BelowAutograd = torch._C._AutoDispatchBelowAutograd  # pylint: disable=protected-access
-_any_requires_grad = torch._C._any_requires_grad  # pylint: disable=protected-access  (that kernel's test)
+# Both are private; without them (another torch) the calls simply pass through the Autograd keys.
+_BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)  # pylint: disable=protected-access
+_any_requires_grad = getattr(  # that kernel's test
+    torch._C, "_any_requires_grad",  # pylint: disable=protected-access
+    lambda *args: any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
 
 
 def _arguments(qualname: str, schema: str):
