@@ -246,3 +246,30 @@ def test_torch_compile_fullgraph_with_dropout():
   assert torch.equal(got, want) and torch.equal(got_mask, want_mask)
   for a, b in zip(got_grads, want_grads):
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_replays_and_matches_the_reference():
+  b, sq, sk, h, hk, d = 2, 256, 320, 4, 2, 64
+  q, k, v, do = (x.detach().cuda() for x in _inputs(b, sq, sk, h, hk, d, torch.bfloat16, seed=5))
+  q, k, v = (x.requires_grad_() for x in (q, k, v))
+  runs = []
+  for _ in range(2):
+    torch.manual_seed(1)
+    out, lse, s_dmask = torch_bridge.flash_attn_func(q, k, v, dropout_p=P, causal=True,
+                                                     return_attn_probs=True)
+    runs.append((out, lse, s_dmask, *_grads(out, lse, do, q, k, v)))
+  for a, b_ in zip(*runs):
+    assert torch.equal(a, b_)
+  out, lse, s_dmask, *grads = (x.cpu() for x in runs[0])
+  keep = jnp.asarray(_keep_of(s_dmask))
+  jq, jk, jv, jdo = (_jnp(x.cpu()) for x in (q, k, v, do))
+
+  def ref(upcast):
+    fn = lambda q, k, v: attention_reference(q, k, v, causal=True, upcast=upcast, dropout_p=P,
+                                             dropout_keep=keep)
+    (o, l), vjp = jax.vjp(fn, jq, jk, jv)
+    return (o, l, *vjp((jdo.astype(o.dtype), jnp.zeros_like(l))))
+
+  ours = (_jnp(out), _jnp(lse), *(_jnp(g) for g in grads))
+  numerics.check_attention(ours, ref(False), ref(True))

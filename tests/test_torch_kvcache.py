@@ -82,3 +82,24 @@ def test_compat_exposes_kvcache():
     assert flash_attn_with_kvcache is torch_bridge.flash_attn_with_kvcache is nested
   finally:
     compat.uninstall()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    Case(b=4, h=16, hk=4, d=128, capacity=2048, page=256, sq=1, s_new=1, rotary=0.5, causal=True,
+         dtype="bfloat16", splits=0),
+    Case(b=2, b_cache=3, h=8, hk=8, d=64, capacity=1024, sq=4, s_new=4, leftpad=True,
+         interleaved=False, rotary=1.0, causal=True, dtype="float16", splits=3),
+], ids=str)
+def test_torch_kvcache_cuda(case):
+  kw = make_inputs(case)
+  tkw = {n: (x.cuda() if isinstance(x, torch.Tensor) else x)
+         for n, x in ((n, _to_torch(x)) for n, x in kw.items())}
+  k_cache, v_cache = tkw["k_cache"], tkw["v_cache"]
+  out, lse = torch_bridge.flash_attn_with_kvcache(**tkw, return_softmax_lse=True)
+  assert out.is_cuda and tkw["k_cache"] is k_cache
+  (r_out, r_lse), _, r_v = reference(kw)
+  (l_out, l_lse), _, _ = reference(kw, upcast=False)
+  numerics.assert_output("out", _to_jax(out.cpu()), l_out, r_out)
+  numerics.assert_lse(_to_jax(lse.cpu()), l_lse, r_lse)
+  np.testing.assert_array_equal(numerics.as_f32(_to_jax(v_cache.cpu())), numerics.as_f32(r_v))

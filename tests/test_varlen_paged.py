@@ -268,3 +268,10 @@ def test_torch_bad_input(mutate, err, match):
 
   with pytest.raises(err, match=match):
     torch_bridge.flash_attn_varlen_func(**mutate(_torch_args()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 256])
+def test_paged_parity_gpu(page):
+  test_paged_parity([300, 1, 700, 0], [900, 256, 700, 33], 8, 2, 128, page, dict(causal=True),
+                    "bfloat16")
