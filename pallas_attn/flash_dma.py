@@ -76,9 +76,11 @@ def topk_mask(zoh, keep_window_size: int, is_causal: bool = False):
 
 
 def keep_mask(active_mask):
-  """active_mask as the kernels read it: int8, 1 where active. One byte per entry halves the mask
-  traffic of 16-bit masks, and int8 is the narrowest type Triton loads as plainly as any number."""
-  return (active_mask > 0).astype(jnp.int8)
+  """active_mask as the kernels read it (> 0 keeps): as given, so no extra pass over an s x s array,
+  except that bool becomes int8 (Triton loads numbers; a bool array is one byte per entry anyway)."""
+  if active_mask.dtype == jnp.bool_:
+    return active_mask.astype(jnp.int8)
+  return active_mask
 
 
 def softmax_probs(q, k, zoh, active_mask, lse, spec: AttentionSpec, seed):

@@ -183,25 +183,44 @@ def band_tiles(mask: BandMask, block_q: int, block_k: int, transposed: bool = Fa
   return out
 
 
-def dynamic_tables(keep, mask, block_q: int, block_k: int, transposed: bool = False):
-  """Tile tables of a data-dependent element mask, per (batch, kv head), as traced arrays.
+def dynamic_counts(keep, mask, grain_q: int, grain_k: int):
+  """Visible elements per (grain_q x grain_k) block of a data-dependent element mask: the one pass
+  over the whole mask that tile tables need (`tables_from_counts` turns it into any coarser tiling).
 
   keep (b, hk, sq, sk): key j is visible to query i where keep > 0 and the rule `mask` allows it.
-  Returns (partial_num, partial_idx, full_num, full_idx) with the TileTables layout plus two leading
-  axes (b, hk): a tile with no visible element is listed nowhere, so the kernels never load it (nor
-  its slice of the mask), and a fully visible one skips the element test. This reads the whole mask
-  once (it is an input of that size anyway); the kernels then read only the tiles listed.
+  Returns (b, hk, ceil(sq / grain_q), ceil(sk / grain_k)) int32; rows and columns past the ends
+  count as invisible.
   """
   b, hk, sq, sk = keep.shape
-  n_q, n_k = -(-sq // block_q), -(-sk // block_k)
+  n_q, n_k = -(-sq // grain_q), -(-sk // grain_k)
   vis = (keep > 0) & mask.visible(jnp.arange(sq), jnp.arange(sk))
-  vis = jnp.pad(vis, ((0, 0), (0, 0), (0, n_q * block_q - sq), (0, n_k * block_k - sk)))
-  counts = jnp.sum(vis.reshape(b, hk, n_q, block_q, n_k, block_k), axis=(3, 5), dtype=jnp.int32)
+  vis = jnp.pad(vis, ((0, 0), (0, 0), (0, n_q * grain_q - sq), (0, n_k * grain_k - sk)))
+  return jnp.sum(vis.reshape(b, hk, n_q, grain_q, n_k, grain_k), axis=(3, 5), dtype=jnp.int32)
+
+
+def tables_from_counts(counts, grain_q: int, grain_k: int, block_q: int, block_k: int,
+                       transposed: bool = False):
+  """Tile tables of a tiling with blocks that are multiples of the counts' grain, per (batch, kv head).
+
+  Returns (partial_num, partial_idx, full_num, full_idx) with the TileTables layout plus two leading
+  axes (b, hk): a tile with no visible element is listed nowhere, so the kernels never load it (nor
+  its slice of the mask), and a fully visible one skips the element test.
+  """
+  rq, rk = block_q // grain_q, block_k // grain_k
+  b, hk, n_q, n_k = counts.shape
+  counts = jnp.pad(counts, ((0, 0), (0, 0), (0, -n_q % rq), (0, -n_k % rk)))
+  counts = jnp.sum(counts.reshape(b, hk, -(-n_q // rq), rq, -(-n_k // rk), rk), axis=(3, 5))
   if transposed:
     counts = jnp.swapaxes(counts, -1, -2)
   full = counts == block_q * block_k
   partial = (counts > 0) & ~full
   return (*_traced_lists(partial), *_traced_lists(full))
+
+
+def dynamic_tables(keep, mask, block_q: int, block_k: int, transposed: bool = False):
+  """tables_from_counts of dynamic_counts at the tiling's own block size."""
+  counts = dynamic_counts(keep, mask, block_q, block_k)
+  return tables_from_counts(counts, block_q, block_k, block_q, block_k, transposed)
 
 
 def _traced_lists(sel):

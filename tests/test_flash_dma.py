@@ -130,12 +130,16 @@ def test_empty_tiles_are_never_read():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
+@pytest.mark.parametrize("grain", [(16, 32), (8, 16), (16, 8)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_dynamic_tables_list_exactly_the_visible_tiles(transposed):
+def test_dynamic_tables_list_exactly_the_visible_tiles(transposed, grain):
+  """Tables of 16 x 32 tiles, from counts taken at that size or at a finer grain (the backward
+  counts once at the finer of its two tilings)."""
   keep = jax.random.uniform(jax.random.PRNGKey(1), (2, 3, 70, 90)) < 0.02
   keep = keep.at[:, :, :32, :].set(True)
   band = spec_mod.band_from_window(70, 90, True, (-1, -1))
-  tables = masking.dynamic_tables(keep, band, 16, 32, transposed)
+  counts = masking.dynamic_counts(keep.astype(jnp.bfloat16), band, *grain)
+  tables = masking.tables_from_counts(counts, *grain, 16, 32, transposed)
   pnum, pidx, fnum, fidx = (np.asarray(t) for t in tables)
   vis = np.asarray(keep) & np.asarray(band.visible(jnp.arange(70), jnp.arange(90)))
   vis = np.pad(vis, ((0, 0), (0, 0), (0, 80 - 70), (0, 96 - 90)))
@@ -264,3 +268,13 @@ def test_parity_gpu(causal, density):
   q, k, v, zoh, active, dout, dlse = _inputs(0, 2, 1024, 1024, 8, 2, 128, "bfloat16", density)
   ours = jax.jit(lambda *a: _ours_vjp(*a, causal, 0.0))(q, k, v, zoh, active, dout, dlse)
   _check(ours, q, k, v, zoh, active, dout, dlse, causal, 0.0)
+
+
+def test_mask_dtypes_agree():
+  """active_mask counts where it is > 0, whatever its dtype (bool, int8, the input dtype)."""
+  q, k, v, zoh, active, *_ = _inputs(12, 1, 20, 40, 2, 1, 16, "float32", 0.5)
+  want = flash_dma.fwd(q, k, v, zoh, active, is_causal=True)[:2]
+  for mask in (active > 0, active.astype(jnp.int8), active * 3.0 - 1.0 * (active == 0)):
+    got = flash_dma.fwd(q, k, v, zoh, mask, is_causal=True)[:2]
+    for a, b_ in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))

@@ -201,7 +201,7 @@ class _BiasMask:
     at = (pl.ds(r0, row_ok.shape[0]), pl.ds(c0, col_ok.shape[0]))
     bounds = (row_ok[:, None] & col_ok[None, :]) if masked else None
     bias = _load(self.bias_ref.at[at], bounds, 0.0).astype(jnp.float32) * LOG2E
-    keep = _load(self.keep_ref.at[at], bounds, 0) > 0 if masked else None
+    keep = _load(self.keep_ref.at[at], bounds, 0) > 0 if masked else None  # any dtype: > 0 keeps
     if transposed:
       bias = bias.T
       keep = None if keep is None else keep.T
@@ -275,15 +275,16 @@ def _sink_seed(z2, rows: int):
   return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
 
 
-def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False, keep=None,
+def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False, counts=None,
                   kv_head_of=None):
   """Tile tables as kernel inputs with whole-array blocks (indexed by tile inside the kernel).
 
-  Dynamic tables (spec.bias_mask) are built from `keep` and blocked per (batch, kv head), the kv
-  head of grid index hh being kv_head_of(hh).
+  Dynamic tables (spec.bias_mask) are built from `counts` = (visible-element counts, grain_q,
+  grain_k) (see masking.dynamic_counts) and blocked per (batch, kv head), the kv head of grid index
+  hh being kv_head_of(hh).
   """
   if spec.bias_mask:
-    arrays = list(masking.dynamic_tables(keep, spec.mask, cfg.block_q, cfg.block_k, transposed))
+    arrays = list(masking.tables_from_counts(*counts, cfg.block_q, cfg.block_k, transposed))
     specs = [pl.BlockSpec((None, None, *a.shape[2:]),
                           lambda i, j, hh, n=a.ndim: (j, kv_head_of(hh)) + (0,) * (n - 2))
              for a in arrays]
@@ -478,7 +479,11 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   if spec.bias_mask:
     in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
     args += [bias, keep]
-  table_specs, tables = _table_inputs(spec, cfg, keep=keep, kv_head_of=kv_of_head)
+  counts = None
+  if spec.bias_mask:
+    counts = (masking.dynamic_counts(keep, spec.mask, cfg.block_q, cfg.block_k),
+              cfg.block_q, cfg.block_k)
+  table_specs, tables = _table_inputs(spec, cfg, counts=counts, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
   out_specs = [blocks.heads(q), blocks.rows(out_shape[1])]
@@ -725,7 +730,13 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   if spec.bias_mask:
     in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
     args += [bias, keep]
-  table_specs, tables = _table_inputs(spec, cfg, keep=keep, kv_head_of=kv_of_head)
+  counts = None
+  if spec.bias_mask:
+    # One pass over the mask serves both passes' tables: counted at the finer of their tilings.
+    grain_q = min(cfgs.bwd_dq.block_q, cfgs.bwd_dkv.block_q)
+    grain_k = min(cfgs.bwd_dq.block_k, cfgs.bwd_dkv.block_k)
+    counts = (masking.dynamic_counts(keep, spec.mask, grain_q, grain_k), grain_q, grain_k)
+  table_specs, tables = _table_inputs(spec, cfg, counts=counts, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
@@ -758,7 +769,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   if spec.bias_mask:
     in_specs += [blocks.pairs(bias, own_head), blocks.pairs(keep, own_head)]
     args += [bias, keep]
-  table_specs, tables = _table_inputs(spec, cfg, transposed=True, keep=keep, kv_head_of=own_head)
+  table_specs, tables = _table_inputs(spec, cfg, transposed=True, counts=counts,
+                                      kv_head_of=own_head)
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [blocks.heads(k), blocks.heads(v)]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
