@@ -122,3 +122,25 @@ def check_max_seqlen(name: str, value, cu) -> int:
   if longest > value:
     raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {value}")
   return int(value)
+
+
+def check_block_table(block_table, batch: int):
+  """block_table: int32 (batch, max_num_blocks_per_seq) with at least one column."""
+  if not hasattr(block_table, "shape") or not hasattr(block_table, "dtype"):
+    raise TypeError(f"block_table: expected an int32 array (batch, max_num_blocks_per_seq), got "
+                    f"{type(block_table).__name__}")
+  if jnp.dtype(block_table.dtype) != jnp.int32:
+    raise TypeError(f"block_table: expected dtype int32, got {_dtype_name(block_table)}")
+  if block_table.ndim != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
+    raise ValueError(f"block_table: expected shape ({batch}, max_num_blocks_per_seq), got "
+                     f"{tuple(block_table.shape)}")
+
+
+def check_page_size(what: str, page: int) -> int:
+  """flash-attn's page sizes (multiples of 256) and the powers of two >= 16 our kernels also take.
+
+  what: how the error names the page size, argument first ("k_cache: page_block_size").
+  """
+  if not ((page >= 16 and page & (page - 1) == 0) or (page > 0 and page % 256 == 0)):
+    raise ValueError(f"{what} must be a power of two >= 16 or a multiple of 256, got {page}")
+  return page

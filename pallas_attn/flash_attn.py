@@ -39,12 +39,12 @@ def prepare(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_siz
   return spec, _alibi_rows(alibi_slopes, b, h)
 
 
-def dropout_seed(dropout_p, dropout_key):
+def dropout_seed(dropout_p, dropout_key, p_name: str = "dropout_p"):
   """The kernels' int32 (1,) seed from the JAX face's PRNG key (None without dropout)."""
   if dropout_p == 0:
     return None
   if dropout_key is None:
-    raise ValueError("dropout_key: dropout_p > 0 needs a PRNG key (keyword dropout_key=...)")
+    raise ValueError(f"dropout_key: {p_name} > 0 needs a PRNG key (keyword dropout_key=...)")
   return dropout.seed_from_key(dropout_key)
 
 

@@ -63,25 +63,13 @@ def _check_paged_qkv(q, k, v):
     raise ValueError(f"q: expected head dim in [1, {checks.MAX_HEAD_DIM}], got {d}")
   if k.shape[0] == 0:
     raise ValueError(f"k: expected at least one page with block_table, got shape {tuple(k.shape)}")
-  page = k.shape[1]
-  # flash-attn's multiples of 256, and the smaller powers of two that the decode path takes too.
-  if not ((page >= 16 and page & (page - 1) == 0) or (page > 0 and page % 256 == 0)):
-    raise ValueError(f"block_table: the page size (k.shape[1]) must be a power of two >= 16 or a "
-                     f"multiple of 256, got {page}")
-  return page
+  return checks.check_page_size("block_table: the page size (k.shape[1])", k.shape[1])
 
 
 def _check_block_table(block_table, batch: int, num_blocks: int, page: int, cu_seqlens_k):
   """block_table int32 (batch, max_blocks) covering every sequence's keys, and cu_seqlens_k, which
   with paged keys gives only lengths."""
-  if not hasattr(block_table, "shape") or not hasattr(block_table, "dtype"):
-    raise TypeError(f"block_table: expected an int32 array (batch, max_num_blocks_per_seq), got "
-                    f"{type(block_table).__name__}")
-  if jnp.dtype(block_table.dtype) != jnp.int32:
-    raise TypeError(f"block_table: expected dtype int32, got {np.dtype(block_table.dtype)}")
-  if block_table.ndim != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
-    raise ValueError(f"block_table: expected shape ({batch}, max_num_blocks_per_seq), got "
-                     f"{tuple(block_table.shape)}")
+  checks.check_block_table(block_table, batch)
   max_blocks = block_table.shape[1]
   # Paged keys are not packed: the offsets bound no buffer, and each length is checked against
   # the table's capacity below.

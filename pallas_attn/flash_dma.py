@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_attn import checks, dropout
 from pallas_attn.flash import attention, backward
+from pallas_attn.flash_attn import dropout_seed
 from pallas_attn.reference import attention_logits
 from pallas_attn.spec import AttentionSpec, band_from_window
 
@@ -134,19 +134,11 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
   if out is not None and tuple(getattr(out, "shape", ())) != tuple(q.shape):
     raise ValueError(f"out: expected None or an array of shape {tuple(q.shape)} (the shape of q), "
                      f"got {getattr(out, 'shape', type(out).__name__)}")
-  seed = _seed(p_dropout, dropout_key)
+  seed = dropout_seed(p_dropout, dropout_key, "p_dropout")
   result, lse = attention(q, k, v, None, spec, None, None, None, seed, zoh, keep_mask(active_mask))
   p = (softmax_probs(q, k, zoh, active_mask, lse, spec, seed) if return_softmax
        else jnp.zeros((0,), q.dtype))
   return [result, lse, p, _rng_state(seed)]
-
-
-def _seed(p_dropout, dropout_key):
-  if p_dropout == 0:
-    return None
-  if dropout_key is None:
-    raise ValueError("dropout_key: p_dropout > 0 needs a PRNG key (keyword dropout_key=...)")
-  return dropout.seed_from_key(dropout_key)
 
 
 def bwd(dout, q, k, v, zoh, active_mask, out, softmax_lse, p_dropout=0.0, softmax_scale=None,

@@ -111,18 +111,8 @@ def prepare(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=Non
     if cache_batch_idx is not None:
       raise ValueError("cache_batch_idx: not supported with a paged cache (block_table maps batch rows "
                        "to pages)")
-    if not hasattr(block_table, "shape") or not hasattr(block_table, "dtype"):
-      raise TypeError(f"block_table: expected an int32 array (batch, max_num_blocks_per_seq), got "
-                      f"{type(block_table).__name__}")
-    if jnp.dtype(block_table.dtype) != jnp.int32:
-      raise TypeError(f"block_table: expected dtype int32, got {np.dtype(block_table.dtype)}")
-    if block_table.ndim != 2 or block_table.shape[0] != b or block_table.shape[1] == 0:
-      raise ValueError(f"block_table: expected shape ({b}, max_num_blocks_per_seq), got "
-                       f"{tuple(block_table.shape)}")
-    page = k_cache.shape[1]
-    if not ((page >= 16 and page & (page - 1) == 0) or (page > 0 and page % 256 == 0)):
-      raise ValueError(f"k_cache: page_block_size must be a power of two >= 16 or a multiple of 256, "
-                       f"got {page}")
+    checks.check_block_table(block_table, b)
+    page = checks.check_page_size("k_cache: page_block_size", k_cache.shape[1])
     capacity = block_table.shape[1] * page
   else:
     page = capacity = k_cache.shape[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import torch
 
 from pallas_attn import flash, flash_dma as jax_dma
