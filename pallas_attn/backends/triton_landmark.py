@@ -63,7 +63,8 @@ def configs(spec: LandmarkSpec, head_dim_padded: int, itemsize: int,
   """Tile configs with block_k forced to the landmark block and block_q fitted to the problem.
 
   Pipelined key/value tiles take num_stages * 2 * bs * dp elements of shared memory next to the
-  query tile's block_q * dp; stages, then query rows, are cut until that fits (fp32 at bs = 128).
+  query tile's block_q * dp (twice that in the backward, for dout); stages, then query rows, are cut
+  until that fits (fp32 at bs = 128).
   """
   bs, dp = spec.block_size, head_dim_padded
   if override is None:
@@ -73,17 +74,19 @@ def configs(spec: LandmarkSpec, head_dim_padded: int, itemsize: int,
     override = KernelConfigs(TileConfig(fwd_q, bs, warps, 2), TileConfig(bwd_q, bs, warps, 2),
                              TileConfig(bwd_q, bs, warps, 2))
 
-  def fit(cfg: TileConfig) -> TileConfig:
+  def fit(cfg: TileConfig, resident_rows: int) -> TileConfig:
     bq = max(16, min(cfg.block_q, _compat.next_power_of_2(max(spec.sq, 1))))
     stages = cfg.num_stages
-    smem = lambda bq, stages: itemsize * dp * (bq + 2 * bs * stages)
+    smem = lambda bq, stages: itemsize * dp * (resident_rows * bq + 2 * bs * stages)
     while stages > 1 and smem(bq, stages) > _SMEM_BUDGET:
       stages -= 1
     while bq > 16 and smem(bq, stages) > _SMEM_BUDGET:
       bq //= 2
     return dataclasses.replace(cfg, block_q=bq, block_k=bs, num_stages=stages)
 
-  return KernelConfigs(fit(override.fwd), fit(override.bwd_dq), fit(override.bwd_dkv))
+  # The backward passes hold two row tiles (q and dout) where the forward holds one: an fp32 bs = 128,
+  # d = 128 backward fitted with one asked the H100 for 256 KiB.
+  return KernelConfigs(fit(override.fwd, 1), fit(override.bwd_dq, 2), fit(override.bwd_dkv, 2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,6 +203,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LandmarkSpec, cfg:
   _store(lse_ref, (m_i + jnp.log2(l_safe)) * LN2, row_ok)
 
 
+def _skip_aliased(kernel, n_inputs: int, n_outputs: int):
+  """The kernel as pallas_call sees it when `into` buffers are aliased: they arrive as inputs after the
+  real ones, and the kernel only writes its outputs, so it never looks at them."""
+  return lambda *refs: kernel(*refs[:n_inputs], *refs[len(refs) - n_outputs:])
+
+
 def _row_tiles(n_q: int):
   return lambda i, b, h: (b, h, _q_tile(i, n_q), 0)
 
@@ -220,7 +229,8 @@ def forward(q, k, v, *, spec: LandmarkSpec, cfgs: KernelConfigs, head_dim: int, 
   out_specs = [q_spec, pl.BlockSpec((None, None, cfg.block_q), _row_vec(n_q))]
   in_specs, args, aliases = _alias_into([q_spec, kv_spec, kv_spec], [q, k, v], out_specs, into)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q),
+      _skip_aliased(functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q),
+                    3, 2),
       grid=(n_q, b, h),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -355,7 +365,8 @@ def backward(q, k, v, out, lse, dout, dlse, *, spec: LandmarkSpec, cfgs: KernelC
   in_specs, args, aliases = _alias_into([q_spec, kv_full, kv_full, q_spec, q_spec, rows_spec, rows_spec],
                                         [q, k, v, out, dout, lse, dlse], [q_spec, rows_spec], dq_into)
   dq, delta = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q),
+      _skip_aliased(functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q),
+                    7, 2),
       grid=(n_q, b, h),
       in_specs=in_specs,
       out_specs=[q_spec, rows_spec],
@@ -375,7 +386,7 @@ def backward(q, k, v, out, lse, dout, dlse, *, spec: LandmarkSpec, cfgs: KernelC
                                         [q, k, v, dout, lse, delta], [kv_spec, kv_spec],
                                         None if into is None else into[1:])
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim),
+      _skip_aliased(functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim), 6, 2),
       grid=(n_k, b, h),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
