@@ -183,6 +183,34 @@ def components(shape, dtype, device, iters, repeats):
   return {n: _time_per_call(fn, sync, iters, repeats) * 1e6 for n, fn in rows.items()}
 
 
+def profile(shape, dtype, device, iters, path):
+  """cProfile of `iters` bridged forward calls, then of `iters` forward+backward pairs: where the
+  added host time goes, function by function (wall clock, so host waits show up too)."""
+  import cProfile  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import pstats  # pylint: disable=g-import-not-at-top
+  q, k, v, do = _tensors(shape, dtype, device, 3)
+  qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+  fwd = lambda: torch_bridge.flash_attn_func(q, k, v, causal=True)
+  pair = lambda: torch.autograd.grad(torch_bridge.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), do)
+  text = io.StringIO()
+  for name, fn in (("forward", fwd), ("forward+backward", pair)):
+    for _ in range(20):
+      fn()
+    _sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+      fn()
+    _sync(device)
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+      text.write(f"===== {name}: {iters} calls at {tuple(shape)} {dtype}, sorted by {key}\n")
+      pstats.Stats(prof, stream=text).sort_stats(key).print_stats(35)
+  with open(path, "w") as f:
+    f.write(text.getvalue())
+
+
 def throughput(shape, dtype, device, iters, repeats):
   b, s, h, d = shape
   q, k, v, do = _tensors(shape, dtype, device, 1)
@@ -239,6 +267,8 @@ def main(argv=None):
   parser.add_argument("--shape", default=None, help="small shape b,s,H,d for the host overhead")
   parser.add_argument("--iters", type=int, default=None, help="calls per round (host overhead)")
   parser.add_argument("--repeats", type=int, default=None, help="rounds (host overhead)")
+  parser.add_argument("--profile", default=None,
+                      help="also write a cProfile of the bridged calls at the small shape to this file")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bridge_overhead.json"))
   args = parser.parse_args(argv)
   if args.cpu:
@@ -263,6 +293,8 @@ def main(argv=None):
       "host_components_us": components(small, dtype, device, iters, repeats),
       "throughput": [] if args.cpu else throughput(large, dtype, device, t_iters, repeats),
   }
+  if args.profile:
+    profile(small, dtype, device, iters, args.profile)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)

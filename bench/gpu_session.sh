@@ -1,34 +1,54 @@
 #!/usr/bin/env bash
 # What an H100 session checks, most important first; each phase has its own time limit so a slow one
-# cannot starve the rest. Logs and bench outputs go to $OUT (or bench/out).
+# cannot starve the rest. Every phase's full output goes to $OUT/phases.log (the device tool returns
+# at most 8 files); the terminal gets each phase's tail.
 #
-# One device call runs at most 10 minutes, so a full check takes two calls:
+# One device call runs at most 10 minutes, so a full check takes two or three calls:
 #   PHASES=tests TESTS_S=540 bash bench/gpu_session.sh
 #   PHASES="bench options sparse landmark dma decode overhead" bash bench/gpu_session.sh
+#   PHASES="landmark_sweep ncu" bash bench/gpu_session.sh
 # GPU tests run in parallel workers: their time goes to compiling (CPU-bound), not to the GPU.
+# TESTS selects test files (default: all of tests/).
 set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false
 TESTS_S=${TESTS_S:-420}
+TESTS=${TESTS:-tests}
 PHASES=${PHASES:-tests bench options sparse landmark dma decode overhead}
-phase() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$SECONDS
-  timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0))s"; }
+LOG="$OUT/phases.log"
+# phase LIMIT TAIL CMD...: runs CMD under a time limit, logs all of it, shows its last TAIL lines.
+phase() { local limit=$1 tail=$2; shift 2; echo "=== $* (limit ${limit}s)" | tee -a "$LOG"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/.phase" 2>&1; local rc=$?
+  cat "$OUT/.phase" >> "$LOG"; tail -n "$tail" "$OUT/.phase"; rm -f "$OUT/.phase"
+  echo "=== rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"; }
 wanted() { [[ " $PHASES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if wanted tests; then
   # -v names every test as it finishes, so a run cut off by its time limit still says what passed.
-  phase "$TESTS_S" python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEx --durations=15 tests \
-    > "$OUT/gpu_tests.log" 2>&1
-  grep -E "FAILED|ERROR|XPASS|passed|failed" "$OUT/gpu_tests.log" | grep -v "^W0000\|^I0000" | tail -45
+  # shellcheck disable=SC2086
+  phase "$TESTS_S" 0 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEx --durations=15 $TESTS
+  grep -E "FAILED|ERROR|XPASS|passed|failed" "$LOG" | grep -v "^W0000\|^I0000" | tail -45
 fi
 if wanted bench; then
-  phase 150 python3 -m bench.run --set headline --out "$OUT" --time-limit 130 \
-    --exclude tokamax-triton tokamax-mosaic xla-reference 2>&1 | tail -14
+  phase 170 14 python3 -m bench.run --set headline --out "$OUT" --time-limit 150 \
+    --exclude tokamax-triton tokamax-mosaic xla-reference
 fi
-if wanted options; then phase 45 python3 -m bench.options 2>&1 | tail -6; fi
-if wanted sparse; then phase 50 python3 -m bench.sparse 2>&1 | tail -8; fi
-if wanted landmark; then phase 60 python3 -m bench.landmark 2>&1 | tail -10; fi
-if wanted dma; then phase 90 python3 -m bench.dma 2>&1 | tail -14; fi
-if wanted decode; then phase 60 python3 -m bench.decode 2>&1 | tail -16; fi
-if wanted overhead; then phase 45 python3 bench/bridge_overhead.py 2>&1 | tail -14; fi
+if wanted options; then phase 90 16 python3 -m bench.options; fi
+if wanted sparse; then phase 120 10 python3 -m bench.sparse; fi
+if wanted landmark; then phase 150 10 python3 -m bench.landmark; fi
+if wanted landmark_sweep; then phase 240 40 python3 -m bench.landmark --sweep; fi
+if wanted dma; then phase 90 14 python3 -m bench.dma; fi
+if wanted decode; then phase 60 30 python3 -m bench.decode; fi
+if wanted overhead; then
+  phase 90 24 python3 bench/bridge_overhead.py --out "$OUT/bridge_overhead.json" --profile "$OUT/bridge_profile.txt"
+fi
+if wanted ncu; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for causal in "" "--causal"; do
+    phase 150 30 "$NCU" --kernel-name regex:pallas_attn --launch-skip 3 --launch-count 3 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+      python3 -m bench.ncu_flash $causal
+  done
+fi

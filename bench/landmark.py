@@ -18,6 +18,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
 import jax  # noqa: E402
@@ -105,6 +106,40 @@ def _torch_rows(b, h, l, d, cfg):
   return rows
 
 
+def sweep(q, k, v, dout, bs: int, cfg) -> None:
+  """Times tile configs one pass at a time (the others at their defaults) and prints one row each;
+  the fitted config (stages or rows cut to fit shared memory) is what ran."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from pallas_attn.backends import triton_landmark  # pylint: disable=import-outside-toplevel
+  from pallas_attn.backends.triton_landmark import LandmarkSpec  # pylint: disable=import-outside-toplevel
+  from pallas_attn.tiles import TileConfig  # pylint: disable=import-outside-toplevel
+  d, l = q.shape[-1], q.shape[2]
+  spec = LandmarkSpec(sq=l, sk=l, block_size=bs, scale=d ** -0.5)
+  base = triton_landmark.configs(spec, _next_pow2(d), q.dtype.itemsize)
+  print(f"SWEEP default {base}", flush=True)
+  grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3)))
+  for which in ("fwd", "bwd_dq", "bwd_dkv"):
+    for bq, warps, stages in grid:
+      if which == "fwd" and bq == 32:
+        continue
+      tiles = dataclasses.replace(base, **{which: TileConfig(bq, bs, warps, stages)})
+      fitted = getattr(triton_landmark.configs(spec, _next_pow2(d), q.dtype.itemsize, tiles), which)
+      fn = functools.partial(fused_landmark_attention, is_mem=required_is_mem(l, bs), block_size=bs,
+                             tiles=tiles)
+      try:
+        ms = (_jax_ms(jax.jit(fn), (q, k, v), cfg) if which == "fwd"
+              else _jax_ms(_fwd_bwd(fn), (q, k, v, dout), cfg))
+      except Exception as err:  # noqa: BLE001  (a config that does not compile: say so, go on)
+        print(f"SWEEP {which} {fitted} failed: {str(err).splitlines()[0][:90]}", flush=True)
+        continue
+      print(f"SWEEP {which:8s} bq={fitted.block_q:<4d} w={fitted.num_warps} s={fitted.num_stages} "
+            f"{'fwd' if which == 'fwd' else 'fwd+bwd'} {ms:8.3f} ms", flush=True)
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << (max(x, 16) - 1).bit_length()
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m bench.landmark", description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpret mode), ours only")
@@ -113,6 +148,8 @@ def main(argv=None):
   ap.add_argument("--seqlen", type=int, default=8192)
   ap.add_argument("--headdim", type=int, default=128)
   ap.add_argument("--block-size", type=int, default=64)
+  ap.add_argument("--sweep", action="store_true",
+                  help="time query-tile configs of each pass (fwd, dq, dkv) instead of the table")
   args = ap.parse_args(argv)
   b, h, l, d, bs = args.batch, args.heads, args.seqlen, args.headdim, args.block_size
   dtype, cfg = jnp.bfloat16, timing.TimingConfig()
@@ -127,6 +164,9 @@ def main(argv=None):
     return 1
 
   q, k, v, dout = _inputs(b, h, l, l, d, dtype)
+  if args.sweep:
+    sweep(q, k, v, dout, bs, cfg)
+    return 0
   landmark = functools.partial(fused_landmark_attention, is_mem=required_is_mem(l, bs), block_size=bs)
   rows = [("ours landmark", _jax_ms(jax.jit(landmark), (q, k, v), cfg),
            _jax_ms(_fwd_bwd(landmark), (q, k, v, dout), cfg), f"block_size={bs}")]

@@ -1,11 +1,16 @@
 """Cost of options the main suite's peers do not have: sinks and dropout, against the same call
 without them, at (4, 16, 4096, 128) bf16 causal. Forward and forward+backward, median ms.
 
+Then varlen (issue 4): 8 sequences of mixed lengths summing to 16384 tokens, H=16, d=128, bf16,
+against a dense batch of 8 x 2048 tokens (about the same work), as TFLOP/s (forward 4 * H * d *
+sum(l^2), halved for causal; forward+backward 3.5x that).
+
   python -m bench.options [--smoke]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,76 @@ def main():
   print("%-16s %9s %11s %9s %9s" % ("case", "fwd ms", "f+b ms", "fwd x", "f+b x"))
   for name, f, fb in rows:
     print("%-16s %9.3f %11.3f %9.3f %9.3f" % (name, f, fb, f / base[1], fb / base[2]))
+  if not args.smoke:
+    sdpa_dropout(b, h, s, d)
+  varlen(args.smoke)
+
+
+def sdpa_dropout(b, h, s, d):
+  """The peer's cost of dropout: torch SDPA's flash backend, causal, with and without p = 0.1."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    print(f"sdpa dropout: skipped ({err})")
+    return
+  if not torch.cuda.is_available():
+    print("sdpa dropout: skipped (no CUDA)")
+    return
+  from bench.timing import torch_median_ms  # pylint: disable=import-outside-toplevel
+  q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                 for _ in range(4))
+  rows = []
+  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    for p in (0.0, 0.1):
+      f = lambda p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+      fb = lambda f=f: torch.autograd.grad(f(), (q, k, v), do)
+      rows.append((p, torch_median_ms(f), torch_median_ms(fb)))
+  print(f"\ntorch SDPA flash backend, same shape, causal")
+  print("%-16s %9s %11s %9s %9s" % ("case", "fwd ms", "f+b ms", "fwd x", "f+b x"))
+  for p, f, fb in rows:
+    print("%-16s %9.3f %11.3f %9.3f %9.3f" % (f"sdpa dropout {p}", f, fb, f / rows[0][1], fb / rows[0][2]))
+
+
+VARLEN_LENGTHS = (1024, 3072, 2048, 2048, 512, 3584, 1536, 2560)
+
+
+def varlen(smoke: bool):
+  h, d = (16, 128) if not smoke else (2, 32)
+  lengths = VARLEN_LENGTHS if not smoke else (16, 48, 32, 32)
+  dense_b, dense_s = len(lengths), sum(lengths) // len(lengths)
+  dtype = jnp.bfloat16 if not smoke else jnp.float32
+  total = sum(lengths)
+  cu = jnp.asarray([0, *itertools.accumulate(lengths)], jnp.int32)
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  qv, kv, vv, dov = (jax.random.normal(kk, (total, h, d), dtype) for kk in ks)
+  dense = [x.reshape(dense_b, dense_s, h, d) for x in (qv, kv, vv, dov)]
+  rows = []
+  for causal in (False, True):
+    cases = {
+        "dense": (lambda q, k, v, c=causal: pa.flash_attn_func(q, k, v, causal=c), dense,
+                  dense_b * dense_s * dense_s),
+        "varlen": (lambda q, k, v, c=causal: pa.flash_attn_varlen_func(
+            q, k, v, cu, cu, max(lengths), max(lengths), causal=c), (qv, kv, vv, dov),
+                   sum(l * l for l in lengths)),
+    }
+    for name, (f, (q, k, v, do), pairs) in cases.items():
+      def fb(q, k, v, f=f, do=do):
+        _, vjp = jax.vjp(f, q, k, v)
+        return vjp(do)
+      flops = 4 * h * d * pairs * (0.5 if causal else 1.0)
+      fwd_ms, fb_ms = jax_median_ms(jax.jit(f), q, k, v), jax_median_ms(jax.jit(fb), q, k, v)
+      rows.append((name, causal, fwd_ms, fb_ms, flops / fwd_ms / 1e9, 3.5 * flops / fb_ms / 1e9))
+      print("VARLEN", rows[-1], flush=True)
+  print(f"\nvarlen {lengths} vs dense {dense_b} x {dense_s}, H={h} d={d} {jnp.dtype(dtype).name}; "
+        "x: TFLOP/s over the dense row's")
+  print("%-8s %-7s %9s %9s %11s %11s %9s %9s" % ("case", "causal", "fwd ms", "f+b ms", "fwd TF/s",
+                                                   "f+b TF/s", "fwd x", "f+b x"))
+  for i, (name, causal, f, fb, tf, tfb) in enumerate(rows):
+    base = rows[i - i % 2]
+    print("%-8s %-7s %9.3f %9.3f %11.1f %11.1f %9.3f %9.3f" % (name, causal, f, fb, tf, tfb,
+                                                              tf / base[4], tfb / base[5]))
 
 
 if __name__ == "__main__":
