@@ -149,6 +149,13 @@ def _variants() -> list[Case]:
           for label, opts in VARIANTS for causal in VARIANT_CAUSAL]
 
 
+def _headdims() -> list[Case]:
+  # The headline's tokens and hidden size (4 x 4096, H * d = 2048) at the other head dims the targets name.
+  b, h, s = HEADLINE_SHAPES[0]
+  return [Case(b=b, h=h * 128 // d, sq=s, sk=s, d=d, causal=causal, set="headdims")
+          for d in (64, 256) for causal in (False, True)]
+
+
 def _standard() -> list[Case]:
   # FlashAttention's sweep: 16k tokens per batch and hidden size 2048 at every point.
   return [Case(b=16384 // s, h=2048 // d, sq=s, sk=s, d=d, dtype=dtype, causal=causal, set="standard")
@@ -170,6 +177,7 @@ def _smoke() -> list[Case]:
 CASE_SETS = {
     "headline": _headline,
     "variants": _variants,
+    "headdims": _headdims,
     "standard": _standard,
     "decode": _decode,
     "smoke": _smoke,
@@ -177,7 +185,7 @@ CASE_SETS = {
 # Sets that are not attention cases: bridge per-call overhead comes from bench/bridge_overhead.py.
 OTHER_SETS = ("overhead",)
 ALL_SETS = tuple(CASE_SETS) + OTHER_SETS
-DEFAULT_SETS = ("headline", "variants")
+DEFAULT_SETS = ("headline", "variants", "headdims")
 
 
 def cases_for(names) -> list[Case]:

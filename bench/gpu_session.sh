@@ -31,7 +31,9 @@ if wanted tests; then
   grep -E "FAILED|ERROR|XPASS|passed|failed" "$LOG" | grep -v "^W0000\|^I0000" | tail -45
 fi
 if wanted bench; then
-  phase 170 14 python3 -m bench.run --set headline --out "$OUT" --time-limit 150 \
+  # shellcheck disable=SC2086
+  phase "${BENCH_S:-170}" 40 python3 -m bench.run --set ${BENCH_SETS:-headline} --out "$OUT" \
+    --time-limit "$(( ${BENCH_S:-170} - 20 ))" \
     --exclude tokamax-triton tokamax-mosaic xla-reference
 fi
 if wanted options; then phase 90 16 python3 -m bench.options; fi
@@ -45,10 +47,12 @@ if wanted overhead; then
 fi
 if wanted ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  for causal in "" "--causal"; do
+  # NCU_RUNS: which of plain, causal, varlen (bench.ncu_flash's flags) to profile.
+  for run in ${NCU_RUNS:-plain causal}; do
+    flags=""; [[ $run == plain ]] || flags="--$run"
     phase 150 30 "$NCU" --kernel-name regex:pallas_attn --launch-skip 3 --launch-count 3 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-      python3 -m bench.ncu_flash $causal
+      python3 -m bench.ncu_flash $flags
   done
 fi

@@ -8,24 +8,37 @@ Compiles and runs each once before the profiled calls, so the profile holds stea
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_attn import flash_attn_func
+from bench.options import VARLEN_LENGTHS
+from pallas_attn import flash_attn_func, flash_attn_varlen_func
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--causal", action="store_true")
   ap.add_argument("--shape", default="4,4096,16,128", help="b,s,H,d")
+  ap.add_argument("--varlen", action="store_true",
+                  help="flash_attn_varlen_func over bench.options' mixed lengths (16384 tokens)")
   args = ap.parse_args()
   b, s, h, d = (int(x) for x in args.shape.split(","))
+  if args.varlen:
+    b, s = 1, sum(VARLEN_LENGTHS)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
+  cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
+
+  def attend(q, k, v):
+    if args.varlen:
+      m = max(VARLEN_LENGTHS)
+      return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, m, m, causal=args.causal)[None]
+    return flash_attn_func(q, k, v, causal=args.causal)
 
   def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal), q, k, v)
+    out, vjp = jax.vjp(attend, q, k, v)
     return out, vjp(do)
 
   step = jax.jit(fwd_bwd)

@@ -2,7 +2,8 @@
 without them, at (4, 16, 4096, 128) bf16 causal. Forward and forward+backward, median ms.
 
 Then varlen (issue 4): 8 sequences of mixed lengths summing to 16384 tokens, H=16, d=128, bf16,
-against a dense batch of 8 x 2048 tokens (about the same work), as TFLOP/s (forward 4 * H * d *
+against a dense batch of 8 x 2048 tokens (about the same work) and that batch packed as varlen
+("even"), as TFLOP/s (forward 4 * H * d *
 sum(l^2), halved for causal; forward+backward 3.5x that).
 
   python -m bench.options [--smoke]
@@ -90,6 +91,8 @@ def varlen(smoke: bool):
   dtype = jnp.bfloat16 if not smoke else jnp.float32
   total = sum(lengths)
   cu = jnp.asarray([0, *itertools.accumulate(lengths)], jnp.int32)
+  # The dense batch's own sequences, packed: separates varlen's per-tile cost from its imbalance.
+  cu_even = jnp.arange(dense_b + 1, dtype=jnp.int32) * dense_s
   ks = jax.random.split(jax.random.PRNGKey(1), 4)
   qv, kv, vv, dov = (jax.random.normal(kk, (total, h, d), dtype) for kk in ks)
   dense = [x.reshape(dense_b, dense_s, h, d) for x in (qv, kv, vv, dov)]
@@ -101,6 +104,9 @@ def varlen(smoke: bool):
         "varlen": (lambda q, k, v, c=causal: pa.flash_attn_varlen_func(
             q, k, v, cu, cu, max(lengths), max(lengths), causal=c), (qv, kv, vv, dov),
                    sum(l * l for l in lengths)),
+        "even": (lambda q, k, v, c=causal: pa.flash_attn_varlen_func(
+            q, k, v, cu_even, cu_even, dense_s, dense_s, causal=c), (qv, kv, vv, dov),
+                 dense_b * dense_s * dense_s),
     }
     for name, (f, (q, k, v, do), pairs) in cases.items():
       def fb(q, k, v, f=f, do=do):
@@ -115,7 +121,7 @@ def varlen(smoke: bool):
   print("%-8s %-7s %9s %9s %11s %11s %9s %9s" % ("case", "causal", "fwd ms", "f+b ms", "fwd TF/s",
                                                    "f+b TF/s", "fwd x", "f+b x"))
   for i, (name, causal, f, fb, tf, tfb) in enumerate(rows):
-    base = rows[i - i % 2]
+    base = rows[i - i % len(cases)]
     print("%-8s %-7s %9.3f %9.3f %11.1f %11.1f %9.3f %9.3f" % (name, causal, f, fb, tf, tfb,
                                                               tf / base[4], tfb / base[5]))
 
