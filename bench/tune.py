@@ -1,6 +1,11 @@
 """Tile-configuration sweep for our kernels on the GPU: one process, one shape, several configs.
 
-  python -m bench.tune [--causal] [--s 4096] [--b 4] [--h 16] [--d 128] [--only fwd|bwd]
+  python -m bench.tune [--causal] [--s 4096] [--b 4] [--h 16] [--d 128] [--varlen]
+                       [--configs NAME|QxKwWsS,QxKwWsS,QxKwWsS ...]
+
+--configs takes names from CANDIDATES or explicit (fwd, dq, dkv) tiles as bench.run's --ours-tiles,
+separated by spaces. --varlen runs flash_attn_varlen_func over bench.options' mixed lengths (16384
+tokens; --b and --s are ignored).
 
 Prints compile time and TFLOP/s per config (forward, and forward+backward). Its findings feed the
 table in pallas_attn/tiles.py.
@@ -8,12 +13,15 @@ table in pallas_attn/tiles.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
 import jax.numpy as jnp
 
 import pallas_attn as pa
+from bench.options import VARLEN_LENGTHS
+from bench.providers import parse_tiles
 from bench.timing import jax_median_ms
 from pallas_attn.tiles import KernelConfigs as K
 from pallas_attn.tiles import TileConfig as T
@@ -35,19 +43,33 @@ def main():
   ap.add_argument("--h", type=int, default=16)
   ap.add_argument("--s", type=int, default=4096)
   ap.add_argument("--d", type=int, default=128)
-  ap.add_argument("--configs", default=",".join(CANDIDATES))
+  ap.add_argument("--configs", nargs="+", default=list(CANDIDATES))
+  ap.add_argument("--varlen", action="store_true")
   args = ap.parse_args()
   b, h, s, d = args.b, args.h, args.s, args.d
+  pairs = b * s * s
+  if args.varlen:
+    b, s = 1, sum(VARLEN_LENGTHS)
+    pairs = sum(l * l for l in VARLEN_LENGTHS)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
-  flops = 4 * b * h * s * s * d / (2 if args.causal else 1)
+  cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
+  flops = 4 * h * pairs * d / (2 if args.causal else 1)
   rows = []
-  for name in args.configs.split(","):
-    cfg = CANDIDATES[name]
-    fwd = jax.jit(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg))
+  for name in args.configs:
+    cfg = CANDIDATES[name] if name in CANDIDATES else parse_tiles(name)[1]
+
+    def attend(q, k, v, cfg=cfg):
+      if args.varlen:
+        m = max(VARLEN_LENGTHS)
+        return pa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, m, m, causal=args.causal,
+                                         tiles=cfg)[None]
+      return pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg)
+
+    fwd = jax.jit(attend)
 
     def fb(q, k, v):
-      _, vjp = jax.vjp(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg), q, k, v)
+      _, vjp = jax.vjp(attend, q, k, v)
       return vjp(do)
 
     fb = jax.jit(fb)
@@ -60,7 +82,7 @@ def main():
       print("TUNE", rows[-1], flush=True)
     except Exception as e:  # noqa: BLE001  (a config that does not compile is a result too)
       print("TUNE FAIL", name, repr(e)[:300], flush=True)
-  print(f"\n(b, h, s, d) = {(b, h, s, d)} causal={args.causal}")
+  print(f"\n(b, h, s, d) = {(b, h, s, d)} causal={args.causal} varlen={args.varlen}")
   print("%-32s %9s %10s %10s" % ("config", "compile s", "fwd TF/s", "f+b TF/s"))
   for name, c, f, fb_ in rows:
     print("%-32s %9.1f %10.1f %10.1f" % (name, c, f, fb_))

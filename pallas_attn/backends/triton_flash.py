@@ -94,17 +94,11 @@ def _table_loops(tables, tile, body, carry):
                        carry)
 
 
-def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=False, active=None):
-  """Walks the tiles of the other axis that `tile` can see: band bounds, or tile tables.
-
-  active: None, or whether this program's tile lies inside its sequence (varlen grids are sized
-  for the longest one); an idle program visits nothing.
-  """
+def _visit(mask, tables, tile, block_q, block_k, body, carry, *, transposed=False):
+  """Walks the tiles of the other axis that `tile` can see: band bounds, or tile tables."""
   if tables is not None:
     return _table_loops(tables, tile, body, carry)
   bounds = (mask.q_tiles if transposed else mask.kv_tiles)(tile, block_q, block_k)
-  if active is not None:
-    bounds = tuple(jnp.where(active, b, 0) for b in bounds)
   return _tile_loops(bounds, body, carry)
 
 
@@ -249,16 +243,10 @@ def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int):
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
-def _when_active(active, tables, run, idle=None):
-  """Runs `run` so that only programs whose tile lies inside their sequence do any work.
-
-  Without tile tables `run` itself makes an idle program cheap: its loops get empty bounds (`_visit`)
-  and its loads and stores are masked off by the sequence's length (its rows or columns all lie
-  past it, and a masked-off store also writes the zeros `idle` would). That keeps the kernel body
-  out of a branch, where the varlen forward measured 0.7x the dense one's TFLOP/s on the H100.
-  With tables the body runs under pl.when and `idle` writes what an idle program still owes.
-  """
-  if active is None or tables is None:
+def _when_active(active, run, idle=None):
+  """Runs `run` only for programs whose tile lies inside their sequence (varlen grids are sized
+  for the longest sequence); `idle` writes what an inactive program still owes (zeros)."""
+  if isinstance(active, bool):
     run()
     return
   pl.when(active)(run)
@@ -394,7 +382,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   mask = seq.mask
   # Causal tiles near the bottom do the most work; launching them first evens out the tail.
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
-  active = (q_tile * bq < mask.sq) if spec.varlen else None
 
   def run():
     rows = q_tile * bq + jnp.arange(bq)
@@ -439,7 +426,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     else:
       m0, l0 = _sink_seed(_sink_logits2(opt.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
     carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
-    acc, m_i, l_i = _visit(mask, opt.tables, q_tile, bq, bk, body, carry, active=active)
+    acc, m_i, l_i = _visit(mask, opt.tables, q_tile, bq, bk, body, carry)
 
     empty = l_i == 0.0
     out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
@@ -447,7 +434,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     _store(o_ref.at[rows_at, :], out.astype(o_ref.dtype), tile_mask)
     _store(lse_ref.at[rows_at], lse, row_ok)
 
-  _when_active(active, opt.tables, run)
+  _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
 
 
 def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=None, *,
@@ -529,7 +516,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
   seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
-  active = (q_tile * bq < mask.sq) if spec.varlen else None
   per_row_sink = spec.sink == "ssh"
 
   def run():
@@ -567,8 +553,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32),
-                active=active)
+    dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
     _store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), tile_mask)
     _store(delta_ref.at[rows_at], delta, row_ok)
     if opt.sink is not None:
@@ -590,7 +575,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       _compat.store(opt.outs[2].at[pl.ds(0, s_pad)], jnp.zeros((s_pad,), jnp.float32),
                     mask=jnp.arange(s_pad) < n_sink)
 
-  _when_active(active, opt.tables, run, idle)
+  _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run, idle)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
@@ -603,7 +588,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
-  active = (kv_tile * bk < mask.sk) if spec.varlen else None
 
   def run():
     cols = kv_tile * bk + jnp.arange(bk)
@@ -642,7 +626,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
-      return _visit(mask, opt.tables, kv_tile, bq, bk, body, carry, transposed=True, active=active)
+      return _visit(mask, opt.tables, kv_tile, bq, bk, body, carry, transposed=True)
 
     def biased_tile(q_tile, carry, masked):
       # With a dynamic mask the query heads of the group go innermost: d bias sums over them, and
@@ -689,7 +673,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
     dyn = _bias_mask(opt)
     if dyn is not None:
       dk, dv = _visit(mask, opt.tables, kv_tile, bq, bk, biased_tile, (zeros, zeros),
-                      transposed=True, active=active)
+                      transposed=True)
     elif group == 1:
       dk, dv = head(jnp.int32(0), (zeros, zeros))
     else:
@@ -697,7 +681,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
     _store(dk_ref.at[cols_at, :], dk.astype(dk_ref.dtype), tile_mask)
     _store(dv_ref.at[cols_at, :], dv.astype(dv_ref.dtype), tile_mask)
 
-  _when_active(active, opt.tables, run)
+  _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
 
 def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed=None, bias=None,
