@@ -39,7 +39,8 @@ def _dispatch(kernel, *args):
 
 
 def _configs(q, spec, cfgs):
-  return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs)
+  return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs,
+                       q.dtype.itemsize)
 
 
 def _run_forward(q, k, v, alibi, opt, spec, cfgs, into=None):

@@ -167,6 +167,8 @@ GPU_CASES = [
     Case(1, 2048, 2048, 4, 4, 128, dtype="bfloat16", window=(128, 128)),
     Case(1, 1024, 1024, 4, 2, 64, dtype="float32", causal=True),
     Case(1, 2000, 1000, 8, 8, 128, dtype="bfloat16", causal=True),
+    Case(1, 600, 700, 4, 4, 256, dtype="float32"),
+    Case(1, 1000, 1000, 4, 2, 256, dtype="float16", causal=True),
 ]
 
 
