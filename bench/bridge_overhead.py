@@ -183,6 +183,48 @@ def components(shape, dtype, device, iters, repeats):
   return {n: _time_per_call(fn, sync, iters, repeats) * 1e6 for n, fn in rows.items()}
 
 
+def backward_paths(shape, dtype, device, iters, repeats):
+  """Where a bridged backward's host time goes: the backward op on the calling thread, on another
+  persistent thread (torch runs CUDA backward on its own device thread), through autograd; and the
+  jitted JAX backward on either thread."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  q, k, v, do = _tensors(shape, dtype, device, 4)
+  qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+  fargs = (q, k, v, None, 0.0, None, True, -1, -1, 0.0, None)  # the fwd op's arguments (seed None)
+  fwd_op, bwd_op = torch.ops.pallas_attn.flash_attn_fwd.default, torch.ops.pallas_attn.flash_attn_bwd.default
+  out, lse = fwd_op(*fargs)
+  out_g = torch_bridge.flash_attn_func(qg, kg, vg, causal=True)
+  qj, kj, vj, doj, oj, lj = (_dlpack.to_jax(x) for x in (q, k, v, do, out, lse))
+  spec, _ = jax_fa.prepare(qj, kj, vj, causal=True)
+  worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  on_worker = lambda fn: (lambda: worker.submit(fn).result())
+  bwd = lambda: bwd_op(do, None, *fargs, out, lse)
+  jax_bwd = lambda: flash.backward(qj, kj, vj, None, oj, lj, doj, None, spec)
+  last = {}
+
+  def keep(fn, name):
+    def run():
+      last[name] = fn()
+    return run
+
+  def sync():
+    jax.block_until_ready([x for x in last.values() if isinstance(x, (tuple, list))
+                           and x and isinstance(x[0], jax.Array)])
+    _sync(device)
+
+  rows = {
+      "bwd_op_calling_thread": bwd,
+      "bwd_op_other_thread": on_worker(bwd),
+      "bwd_autograd": lambda: torch.autograd.grad(out_g, (qg, kg, vg), do, retain_graph=True),
+      "jax_bwd_calling_thread": keep(jax_bwd, "jm"),
+      "jax_bwd_other_thread": keep(on_worker(jax_bwd), "jw"),
+      "empty_task_other_thread": on_worker(lambda: None),
+  }
+  times = _time_interleaved(rows, sync, iters, repeats, warmup=10)
+  worker.shutdown()
+  return {n: {"wall_us": w * 1e6, "thread_cpu_us": c * 1e6} for n, (w, c) in times.items()}
+
+
 def profile(shape, dtype, device, iters, path):
   """cProfile of `iters` bridged forward calls, then of `iters` forward+backward pairs: where the
   added host time goes, function by function (wall clock, so host waits show up too)."""
@@ -291,6 +333,7 @@ def main(argv=None):
       "smoke": args.smoke,
       "host_overhead": host_overhead(small, dtype, device, iters, repeats),
       "host_components_us": components(small, dtype, device, iters, repeats),
+      "backward_paths_us": backward_paths(small, dtype, device, iters, repeats),
       "throughput": [] if args.cpu else throughput(large, dtype, device, t_iters, repeats),
   }
   if args.profile:
@@ -313,6 +356,9 @@ def main(argv=None):
   print("  of which (measured alone):")
   for name, us in report["host_components_us"].items():
     print(f"    {name:<34} {us:8.1f}")
+  print("  backward paths (wall / calling-thread cpu, us):")
+  for name, t in report["backward_paths_us"].items():
+    print(f"    {name:<34} {t['wall_us']:8.1f} {t['thread_cpu_us']:8.1f}")
   if not report["throughput"]:
     print(f"\nwrote {args.out}")
     return report

@@ -127,10 +127,10 @@ def _import_fn():
 def _capsule(t: torch.Tensor, stream: int | None):
   """t.__dlpack__(stream=...) for a tensor `ready` returned (CUDA: on the current device).
 
-  Without a stream handshake (stream None: CPU, or an operand after the fenced one) torch's
-  __dlpack__ only checks the tensor and calls its C++ export, about 2 us of Python per tensor;
-  this calls the export directly where those checks pass (plain strided tensor, no grad, no conj
-  bit) and the method itself otherwise (it raises what it raises).
+  Without a stream handshake (stream None: CPU, or CUDA, where the bridge orders the streams
+  itself) torch's __dlpack__ only checks the tensor and calls its C++ export, about 2 us of Python
+  per tensor; this calls the export directly where those checks pass (plain strided tensor, no
+  grad, no conj bit) and the method itself otherwise (it raises what it raises).
   """
   if stream is None:
     if (type(t) is torch.Tensor and not t.requires_grad and not t.is_conj()  # pylint: disable=unidiomatic-typecheck
@@ -153,8 +153,12 @@ class _Importer:
       # The public import handshakes on every tensor (slower, equally ordered) and knows pinned
       # host memory, which DLPack labels as a device type of its own.
       return jax.dlpack.from_dlpack(t)
-    stream = target.stream if fence else None
-    return self._fast(_capsule(t, stream), target, stream)
+    if fence and target.stream is not None:
+      # torch's __dlpack__(stream=...) would order JAX's stream after torch's the same way, but
+      # builds an ExternalStream and an Event on every call; these are made once per stream.
+      _jax_stream_waits_for_torch(t.device, target.stream)
+      return self._fast(_capsule(t, None), target, target.stream)
+    return self._fast(_capsule(t, None), target, None)
 
   def _probe(self, t, target) -> bool:
     if self._fast is None or (target.platform == "gpu" and target.stream is None):
@@ -169,6 +173,21 @@ class _Importer:
 
 
 _import = _Importer()
+_WAITS: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def _jax_stream_waits_for_torch(device: torch.device, jax_stream: int) -> None:
+  """Queues on JAX's stream a wait for everything torch has queued so far on its current stream."""
+  key = (device.index, jax_stream)
+  pair = _WAITS.get(key)
+  if pair is None:
+    pair = _WAITS[key] = (torch.cuda.ExternalStream(jax_stream, device=device), torch.cuda.Event())
+  external, event = pair
+  current = torch.cuda.current_stream(device)
+  if current.cuda_stream != jax_stream:
+    # Re-recording is safe: a wait already queued keeps the point the event had when it was queued.
+    event.record(current)
+    external.wait_event(event)
 
 
 def ready(t: torch.Tensor) -> torch.Tensor:
