@@ -155,7 +155,7 @@ class _Importer:
       return jax.dlpack.from_dlpack(t)
     if fence and target.stream is not None:
       # torch's __dlpack__(stream=...) would order JAX's stream after torch's the same way, but
-      # builds an ExternalStream and an Event on every call; these are made once per stream.
+      # builds an ExternalStream on every call; this one is made once per stream.
       _jax_stream_waits_for_torch(t.device, target.stream)
       return self._fast(_capsule(t, None), target, target.stream)
     return self._fast(_capsule(t, None), target, None)
@@ -173,19 +173,20 @@ class _Importer:
 
 
 _import = _Importer()
-_WAITS: dict[tuple[int, int], tuple[Any, Any]] = {}
+_JAX_STREAMS: dict[tuple[int, int], Any] = {}
 
 
 def _jax_stream_waits_for_torch(device: torch.device, jax_stream: int) -> None:
   """Queues on JAX's stream a wait for everything torch has queued so far on its current stream."""
   key = (device.index, jax_stream)
-  pair = _WAITS.get(key)
-  if pair is None:
-    pair = _WAITS[key] = (torch.cuda.ExternalStream(jax_stream, device=device), torch.cuda.Event())
-  external, event = pair
+  external = _JAX_STREAMS.get(key)
+  if external is None:
+    external = _JAX_STREAMS[key] = torch.cuda.ExternalStream(jax_stream, device=device)
   current = torch.cuda.current_stream(device)
   if current.cuda_stream != jax_stream:
-    # Re-recording is safe: a wait already queued keeps the point the event had when it was queued.
+    # A fresh event per call: threads with different current streams (autograd runs CUDA backward
+    # on a thread of its own) must not re-record one another's event between record and wait.
+    event = torch.cuda.Event()
     event.record(current)
     external.wait_event(event)
 
