@@ -631,3 +631,44 @@ def test_cuda_jax_does_not_preallocate():
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
   assert float(got.stdout.split()[-1]) < 0.25, got.stdout + got.stderr
+
+
+def test_stream_fence_records_then_waits_with_one_event_per_thread(monkeypatch):
+  # The CUDA fence's bookkeeping, with torch.cuda's stream and event types replaced by recorders
+  # (the fence itself runs on the H100 in the gpu-marked stream tests).
+  import threading  # pylint: disable=import-outside-toplevel
+  log = []
+
+  class Stream:
+    def __init__(self, ptr, device=None):
+      self.cuda_stream = ptr
+
+    def wait_event(self, event):
+      log.append(("wait", self.cuda_stream, event))
+
+  class Event:
+    def record(self, stream):
+      log.append(("record", stream.cuda_stream, self))
+
+  current = {"ptr": 7}
+  monkeypatch.setattr(torch.cuda, "ExternalStream", Stream)
+  monkeypatch.setattr(torch.cuda, "Event", Event)
+  monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(current["ptr"]))
+  monkeypatch.setattr(_dlpack, "_JAX_STREAMS", {})
+  monkeypatch.setattr(_dlpack, "_THREAD", threading.local())
+  cuda0 = torch.device("cuda", 0)
+
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  assert [(op, s) for op, s, _ in log] == [("record", 7), ("wait", 99)] * 2
+  assert len({id(e) for _, _, e in log}) == 1, "one thread reuses its event"
+
+  other = threading.Thread(target=_dlpack._jax_stream_waits_for_torch, args=(cuda0, 99))  # pylint: disable=protected-access
+  other.start()
+  other.join()
+  assert [(op, s) for op, s, _ in log[4:]] == [("record", 7), ("wait", 99)]
+  assert log[4][2] is log[5][2] and log[4][2] is not log[0][2], "another thread records its own event"
+
+  current["ptr"] = 99  # JAX's own stream is current: nothing to order
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  assert len(log) == 6
