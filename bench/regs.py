@@ -1,0 +1,120 @@
+"""Registers and spills of our flash kernels for the H100 (sm_90a), without a GPU.
+
+  pip install --target /tmp/tritonpkg triton==3.6.0     # once: Triton with its own ptxas (~650 MB)
+  python -m bench.regs [--causal] [--varlen] [--d 128] [--tiles QxKwWsS,QxKwWsS,QxKwWsS]
+                       [--triton /tmp/tritonpkg]
+
+jax lowers each pallas_call to Triton IR for CUDA on the CPU; this captures that IR, compiles it in
+a second process with the Triton found under --triton (jaxlib and Triton each carry their own MLIR,
+so they stay in separate processes), and runs Triton's ptxas -v on the PTX. It prints each kernel's
+registers per thread and spill bytes. At (4, 16, 4096, 128) bf16 it gives the forward 255
+registers and spills, as Nsight Compute did on the H100 (2026-11-27); dQ 179 registers here against
+168 there (XLA compiles with its own Triton, not this one). The varlen forward spills 2.5x the bytes
+of the dense one, and on the H100 it made 36x the spill requests and ran at 0.68x the TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+
+_COMPILE = r'''
+import glob, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+ptxas = glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/ptxas*")[0]
+for spec in sys.argv[2:]:
+  path, warps, stages = spec.rsplit(":", 2)
+  k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=int(warps), num_stages=int(stages)))
+  with open(path + ".ptx", "w") as f:
+    f.write(k.asm["ptx"])
+  out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path + ".ptx", "-o", path + ".cubin"],
+                       capture_output=True, text=True).stderr
+  print(path, warps, stages, " | ".join(l.split(":", 1)[-1].strip() for l in out.splitlines()
+                                        if "registers" in l or "spill" in l), flush=True)
+'''
+
+
+def dump(args, out_dir: str) -> list[tuple[str, str]]:
+  """Lowers one forward+backward for CUDA; returns (kernel name, .ttir path) per pallas_call."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=import-outside-toplevel
+
+  import pallas_attn as pa  # pylint: disable=import-outside-toplevel
+  from bench.options import VARLEN_LENGTHS  # pylint: disable=import-outside-toplevel
+  from bench.providers import parse_tiles  # pylint: disable=import-outside-toplevel
+
+  found = []
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    res = lower(*a, **k)
+    name = res.module.operation.attributes["sym_name"].value
+    path = os.path.join(out_dir, f"{len(found)}_{name}.ttir")
+    with open(path, "w") as f:
+      f.write(res.module.operation.get_asm(enable_debug_info=False))
+    found.append((name, path))
+    return res
+
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  tiles = parse_tiles(args.tiles)[1] if args.tiles else None
+  h, d = 16, args.d
+  if args.varlen:
+    total, m = sum(VARLEN_LENGTHS), max(VARLEN_LENGTHS)
+    cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
+    x = jnp.zeros((total, h, d), jnp.bfloat16)
+    attend = lambda q, k, v: pa.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=args.causal,
+                                                       tiles=tiles)
+  else:
+    x = jnp.zeros((4, 4096, h, d), jnp.bfloat16)
+    attend = lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=tiles)
+
+  def step(q, k, v, do):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(do)
+
+  try:
+    jax.jit(step).trace(x, x, x, x).lower(lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = lower
+  return found
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--causal", action="store_true")
+  ap.add_argument("--varlen", action="store_true", help="bench.options' mixed lengths, 16384 tokens")
+  ap.add_argument("--d", type=int, default=128)
+  ap.add_argument("--tiles", default=None, help="fwd,dq,dkv tiles as bench.run's --ours-tiles")
+  ap.add_argument("--triton", default="/tmp/tritonpkg", help="where `pip install --target` put Triton")
+  args = ap.parse_args(argv)
+  if not glob.glob(os.path.join(args.triton, "triton", "backends", "nvidia", "bin", "ptxas*")):
+    raise SystemExit(f"no Triton with ptxas under {args.triton}: pip install --target {args.triton} "
+                     "triton==3.6.0")
+  from pallas_attn import tiles as tiles_mod  # pylint: disable=import-outside-toplevel
+  from bench.providers import parse_tiles  # pylint: disable=import-outside-toplevel
+  cfgs = parse_tiles(args.tiles)[1] if args.tiles else tiles_mod.resolve(
+      max(16, 1 << (args.d - 1).bit_length()), 4096, 4096)
+  with tempfile.TemporaryDirectory() as tmp:
+    kernels = dump(args, tmp)
+    # fwd, dq, dkv in launch order, as the configs list them.
+    specs = [f"{path}:{c.num_warps}:{c.num_stages}"
+             for (_, path), c in zip(kernels, (cfgs.fwd, cfgs.bwd_dq, cfgs.bwd_dkv))]
+    res = subprocess.run([sys.executable, "-c", _COMPILE, args.triton, *specs], capture_output=True,
+                         text=True, check=False)
+    if res.returncode:
+      raise SystemExit(res.stderr[-2000:])
+    for line, (name, _) in zip(res.stdout.splitlines(), kernels):
+      _, warps, stages, info = line.split(" ", 3)
+      print(f"{name:28s} w{warps} s{stages}  {info}")
+
+
+if __name__ == "__main__":
+  main()
