@@ -7,7 +7,8 @@
 jax lowers each pallas_call to Triton IR for CUDA on the CPU; this captures that IR, compiles it in
 a second process with the Triton found under --triton (jaxlib and Triton each carry their own MLIR,
 so they stay in separate processes), and runs Triton's ptxas -v on the PTX. It prints each kernel's
-registers per thread and spill bytes. At (4, 16, 4096, 128) bf16 it gives the forward 255
+registers per thread, spill bytes and how many times ptxas had to serialize a wgmma (warning C7519).
+At (4, 16, 4096, 128) bf16 it gives the forward 255
 registers and spills, as Nsight Compute did on the H100 (2026-11-27); dQ 179 registers here against
 168 there (XLA compiles with its own Triton, not this one). The varlen forward spills 2.5x the bytes
 of the dense one, and on the H100 it made 36x the spill requests and ran at 0.68x the TFLOP/s.
@@ -36,8 +37,12 @@ for spec in sys.argv[2:]:
     f.write(k.asm["ptx"])
   out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path + ".ptx", "-o", path + ".cubin"],
                        capture_output=True, text=True).stderr
-  print(path, warps, stages, " | ".join(l.split(":", 1)[-1].strip() for l in out.splitlines()
-                                        if "registers" in l or "spill" in l), flush=True)
+  # C7519: ptxas had to insert a warpgroup.arrive so that a wgmma could use registers: its
+  # asynchronous matrix products are serialized there.
+  waits = sum("C7519" in l for l in out.splitlines())
+  info = " | ".join(l.split(":", 1)[-1].strip() for l in out.splitlines()
+                    if ("registers" in l or "spill" in l) and "C7519" not in l)
+  print(path, warps, stages, f"{info} | wgmma waits inserted: {waits}", flush=True)
 '''
 
 
