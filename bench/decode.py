@@ -85,7 +85,6 @@ def copy_bandwidth(cfg, nbytes: int = 2 << 30) -> float | None:
   src = torch.randn(nbytes // 4, device="cuda")
   dst = torch.empty_like(src)
   ms = torch_median_ms(lambda: dst.copy_(src), cfg)
-  del src, dst
   return 2 * nbytes / ms / 1e6
 
 

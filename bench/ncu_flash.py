@@ -8,13 +8,12 @@ Compiles and runs each once before the profiled calls, so the profile holds stea
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import jax
 import jax.numpy as jnp
 
-from bench.options import VARLEN_LENGTHS
-from pallas_attn import flash_attn_func, flash_attn_varlen_func
+from bench.options import VARLEN_LENGTHS, mixed_varlen
+from pallas_attn import flash_attn_func
 
 
 def main():
@@ -29,13 +28,8 @@ def main():
     b, s = 1, sum(VARLEN_LENGTHS)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
-  cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
-
-  def attend(q, k, v):
-    if args.varlen:
-      m = max(VARLEN_LENGTHS)
-      return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, m, m, causal=args.causal)[None]
-    return flash_attn_func(q, k, v, causal=args.causal)
+  attend = (mixed_varlen(args.causal) if args.varlen else
+            lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal))
 
   def fwd_bwd(q, k, v, do):
     out, vjp = jax.vjp(attend, q, k, v)

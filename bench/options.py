@@ -75,7 +75,7 @@ def sdpa_dropout(b, h, s, d):
       f = lambda p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
       fb = lambda f=f: torch.autograd.grad(f(), (q, k, v), do)
       rows.append((p, torch_median_ms(f), torch_median_ms(fb)))
-  print(f"\ntorch SDPA flash backend, same shape, causal")
+  print("\ntorch SDPA flash backend, same shape, causal")
   print("%-16s %9s %11s %9s %9s" % ("case", "fwd ms", "f+b ms", "fwd x", "f+b x"))
   for p, f, fb in rows:
     print("%-16s %9.3f %11.3f %9.3f %9.3f" % (f"sdpa dropout {p}", f, fb, f / rows[0][1], fb / rows[0][2]))
@@ -84,13 +84,25 @@ def sdpa_dropout(b, h, s, d):
 VARLEN_LENGTHS = (1024, 3072, 2048, 2048, 512, 3584, 1536, 2560)
 
 
+def cu_seqlens(lengths=VARLEN_LENGTHS):
+  return jnp.asarray([0, *itertools.accumulate(lengths)], jnp.int32)
+
+
+def mixed_varlen(causal: bool, tiles=None):
+  """flash_attn_varlen_func over VARLEN_LENGTHS, taking and returning (1, 16384, H, d) arrays like a
+  batch of one, so tools that time or profile dense calls can swap it in."""
+  cu, m = cu_seqlens(), max(VARLEN_LENGTHS)
+  return lambda q, k, v: pa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, m, m, causal=causal,
+                                                   tiles=tiles)[None]
+
+
 def varlen(smoke: bool):
   h, d = (16, 128) if not smoke else (2, 32)
   lengths = VARLEN_LENGTHS if not smoke else (16, 48, 32, 32)
   dense_b, dense_s = len(lengths), sum(lengths) // len(lengths)
   dtype = jnp.bfloat16 if not smoke else jnp.float32
   total = sum(lengths)
-  cu = jnp.asarray([0, *itertools.accumulate(lengths)], jnp.int32)
+  cu = cu_seqlens(lengths)
   # The dense batch's own sequences, packed: separates varlen's per-tile cost from its imbalance.
   cu_even = jnp.arange(dense_b + 1, dtype=jnp.int32) * dense_s
   ks = jax.random.split(jax.random.PRNGKey(1), 4)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import os
 import subprocess
 import sys
@@ -53,7 +52,7 @@ def dump(args, out_dir: str) -> list[tuple[str, str]]:
   from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=import-outside-toplevel
 
   import pallas_attn as pa  # pylint: disable=import-outside-toplevel
-  from bench.options import VARLEN_LENGTHS  # pylint: disable=import-outside-toplevel
+  from bench.options import VARLEN_LENGTHS, mixed_varlen  # pylint: disable=import-outside-toplevel
   from bench.providers import parse_tiles  # pylint: disable=import-outside-toplevel
 
   found = []
@@ -72,11 +71,8 @@ def dump(args, out_dir: str) -> list[tuple[str, str]]:
   tiles = parse_tiles(args.tiles)[1] if args.tiles else None
   h, d = 16, args.d
   if args.varlen:
-    total, m = sum(VARLEN_LENGTHS), max(VARLEN_LENGTHS)
-    cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
-    x = jnp.zeros((total, h, d), jnp.bfloat16)
-    attend = lambda q, k, v: pa.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=args.causal,
-                                                       tiles=tiles)
+    x = jnp.zeros((1, sum(VARLEN_LENGTHS), h, d), jnp.bfloat16)
+    attend = mixed_varlen(args.causal, tiles)
   else:
     x = jnp.zeros((4, 4096, h, d), jnp.bfloat16)
     attend = lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=tiles)

@@ -13,14 +13,13 @@ table in pallas_attn/tiles.py.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import jax
 import jax.numpy as jnp
 
 import pallas_attn as pa
-from bench.options import VARLEN_LENGTHS
+from bench.options import VARLEN_LENGTHS, mixed_varlen
 from bench.providers import parse_tiles
 from bench.timing import jax_median_ms
 from pallas_attn.tiles import KernelConfigs as K
@@ -53,18 +52,13 @@ def main():
     pairs = sum(l * l for l in VARLEN_LENGTHS)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
-  cu = jnp.asarray([0, *itertools.accumulate(VARLEN_LENGTHS)], jnp.int32)
   flops = 4 * h * pairs * d / (2 if args.causal else 1)
   rows = []
   for name in args.configs:
     cfg = CANDIDATES[name] if name in CANDIDATES else parse_tiles(name)[1]
 
-    def attend(q, k, v, cfg=cfg):
-      if args.varlen:
-        m = max(VARLEN_LENGTHS)
-        return pa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, m, m, causal=args.causal,
-                                         tiles=cfg)[None]
-      return pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg)
+    attend = (mixed_varlen(args.causal, cfg) if args.varlen else
+              lambda q, k, v, cfg=cfg: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=cfg))
 
     fwd = jax.jit(attend)
 
