@@ -1,13 +1,15 @@
 """Registers and spills of our flash kernels for the H100 (sm_90a), without a GPU.
 
   pip install --target /tmp/tritonpkg triton==3.6.0     # once: Triton with its own ptxas (~650 MB)
-  python -m bench.regs [--causal] [--varlen] [--d 128] [--tiles QxKwWsS,QxKwWsS,QxKwWsS]
-                       [--triton /tmp/tritonpkg]
+  python -m bench.regs [--causal] [--varlen] [--dropout P] [--d 128] [--sass]
+                       [--tiles QxKwWsS,QxKwWsS,QxKwWsS] [--triton /tmp/tritonpkg]
 
 jax lowers each pallas_call to Triton IR for CUDA on the CPU; this captures that IR, compiles it in
 a second process with the Triton found under --triton (jaxlib and Triton each carry their own MLIR,
 so they stay in separate processes), and runs Triton's ptxas -v on the PTX. It prints each kernel's
-registers per thread, spill bytes and how many times ptxas had to serialize a wgmma (warning C7519).
+registers per thread, spill bytes and how many times ptxas had to serialize a wgmma (warning C7519);
+--sass adds static SASS instruction counts by kind (integer, float, MUFU, local and shared memory,
+barriers), which is how the dropout hash's cost and any layout conversion show up.
 At (4, 16, 4096, 128) bf16 it gives the forward 255
 registers and spills, as Nsight Compute did on the H100 (2026-11-27); dQ 179 registers here against
 168 there (XLA compiles with its own Triton, not this one). The varlen forward spills 2.5x the bytes
@@ -28,7 +30,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 ptxas = glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/ptxas*")[0]
-for spec in sys.argv[2:]:
+for spec in [a for a in sys.argv[2:] if a != "--sass"]:
   path, warps, stages = spec.rsplit(":", 2)
   k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=int(warps), num_stages=int(stages)))
@@ -41,7 +43,17 @@ for spec in sys.argv[2:]:
   waits = sum("C7519" in l for l in out.splitlines())
   info = " | ".join(l.split(":", 1)[-1].strip() for l in out.splitlines()
                     if ("registers" in l or "spill" in l) and "C7519" not in l)
-  print(path, warps, stages, f"{info} | wgmma waits inserted: {waits}", flush=True)
+  sass = ""
+  if sys.argv[-1] == "--sass":
+    dis = subprocess.run([glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/cuobjdump")[0], "-sass",
+                          path + ".cubin"], capture_output=True, text=True).stdout
+    ops = [l.split("*/", 1)[1].strip().split()[0] for l in dis.splitlines() if "*/" in l and ";" in l]
+    ops = [o for o in ops if not o.startswith("@")] + [l.split("*/", 1)[1].split()[1] for l in dis.splitlines() if "*/" in l and l.split("*/", 1)[1].strip().startswith("@")]
+    count = lambda *names: sum(o.split(".")[0] in names for o in ops)
+    sass = (f" | SASS {len(ops)} instr: int {count('IMAD', 'IADD3', 'LOP3', 'SHF', 'ISETP', 'LEA', 'IMNMX', 'SEL')}"
+            f" fp {count('FMUL', 'FADD', 'FFMA', 'FMNMX', 'FSEL', 'FSETP')} mufu {count('MUFU')}"
+            f" local {count('LDL', 'STL')} shared {count('LDS', 'STS', 'LDSM', 'STSM')} bar {count('BAR')}")
+  print(path, warps, stages, f"{info} | wgmma waits inserted: {waits}{sass}", flush=True)
 '''
 
 
@@ -75,7 +87,8 @@ def dump(args, out_dir: str) -> list[tuple[str, str]]:
     attend = mixed_varlen(args.causal, tiles)
   else:
     x = jnp.zeros((4, 4096, h, d), jnp.bfloat16)
-    attend = lambda q, k, v: pa.flash_attn_func(q, k, v, causal=args.causal, tiles=tiles)
+    attend = lambda q, k, v: pa.flash_attn_func(q, k, v, dropout_p=args.dropout, causal=args.causal,
+                                                tiles=tiles, dropout_key=jax.random.PRNGKey(0))
 
   def step(q, k, v, do):
     out, vjp = jax.vjp(attend, q, k, v)
@@ -93,6 +106,8 @@ def main(argv=None):
   ap.add_argument("--causal", action="store_true")
   ap.add_argument("--varlen", action="store_true", help="bench.options' mixed lengths, 16384 tokens")
   ap.add_argument("--d", type=int, default=128)
+  ap.add_argument("--dropout", type=float, default=0.0, help="dropout_p (dense runs only)")
+  ap.add_argument("--sass", action="store_true", help="also count SASS instructions by kind (static)")
   ap.add_argument("--tiles", default=None, help="fwd,dq,dkv tiles as bench.run's --ours-tiles")
   ap.add_argument("--triton", default="/tmp/tritonpkg", help="where `pip install --target` put Triton")
   args = ap.parse_args(argv)
@@ -108,7 +123,7 @@ def main(argv=None):
     # fwd, dq, dkv in launch order, as the configs list them.
     specs = [f"{path}:{c.num_warps}:{c.num_stages}"
              for (_, path), c in zip(kernels, (cfgs.fwd, cfgs.bwd_dq, cfgs.bwd_dkv))]
-    res = subprocess.run([sys.executable, "-c", _COMPILE, args.triton, *specs], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _COMPILE, args.triton, *specs, *(["--sass"] if args.sass else [])], capture_output=True,
                          text=True, check=False)
     if res.returncode:
       raise SystemExit(res.stderr[-2000:])

@@ -1,8 +1,9 @@
 """Dropout's keep mask: a pure function of (seed, batch, head, i, j), the same in kernels and reference.
 
-A counter-based hash (murmur3's 32-bit finalizer over a mix of the coordinates) replaces a stored
+A counter-based hash (two xorshift-multiply rounds over a mix of the coordinates) replaces a stored
 mask: the forward draws it tile by tile, the backward redraws the identical bits, and tests rebuild
-it densely. All arithmetic is int32 with wrap-around multiplication and logical shifts, which Triton,
+it densely. Each hash serves two elements (16 bits each): the hash was the kernels' largest cost
+with dropout on, about 12 integer operations per element before pairing. All arithmetic is int32 with wrap-around multiplication and logical shifts, which Triton,
 XLA and numpy agree on bit for bit.
 """
 from __future__ import annotations
@@ -34,15 +35,57 @@ def stream(seed, batch, head, nheads: int):
   return _fmix(seed ^ ((batch * nheads + head + 1) * _i32(0x27D4EB2F)))
 
 
-def keep(state, rows, cols, p: float, transposed: bool = False):
-  """bool [len(rows), len(cols)] ([len(cols), len(rows)] when transposed): True where kept.
+def _pair_hash(i, pair, state):
+  """32 random bits per (row, key pair): two rounds of xorshift-multiply (murmur3-style constants)."""
+  x = (i * _i32(0x9E3779B1)) ^ (pair * _i32(0x85EBCA77) + state)
+  x = (x ^ _srl(x, 16)) * _i32(0x7FEB352D)
+  return (x ^ _srl(x, 15)) * _i32(0x846CA68B)
 
-  Each entry is kept with probability 1 - p (to within 2**-31).
+
+def _kept_halves(x, p: float):
+  """(low, high) 16-bit halves of x, each True (kept) with probability 1 - p to within 2**-17."""
+  threshold = min(int(round(p * 2.0 ** 16)), 2 ** 16 - 1)
+  # unsigned h >= t as a signed compare: flipping the sign bit maps unsigned order onto signed order.
+  bound = jnp.int32(threshold * 2 ** 16 - 2 ** 31)
+  flip = _i32(0x80000000)
+  return ((x << 16) ^ flip) >= bound, (x ^ flip) >= bound
+
+
+def keep_at(state, i, j, p: float):
+  """The definition, elementwise over broadcastable int32 rows i and key columns j: True where kept.
+
+  Keys pair up as j and j + 8 inside each aligned group of 16, and a pair shares one 32-bit hash of
+  (row, pair): key j takes its low half when (j // 8) is even, its high half when odd. The pairing
+  is tiling-independent, and in Hopper's matrix-product accumulator layout one thread holds both
+  keys of a pair (in either orientation), so a kernel hashes once per two elements and never
+  moves mask bits between threads.
   """
-  i = (rows[None, :] if transposed else rows[:, None]).astype(jnp.int32)
-  j = (cols[:, None] if transposed else cols[None, :]).astype(jnp.int32)
-  x = _fmix((i * _i32(0x9E3779B1)) ^ (j * _i32(0x85EBCA77) + state))
-  return _srl(x, 1) >= jnp.int32(min(int(round(p * 2.0 ** 31)), 2 ** 31 - 1))
+  i, j = jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+  low, high = _kept_halves(_pair_hash(i, (j // 16) * 8 + j % 8, state), p)
+  return jnp.where((j // 8) % 2 == 1, high, low)
+
+
+def keep(state, rows, col0, n_cols: int, p: float, transposed: bool = False):
+  """keep_at over rows x keys col0 + [0, n_cols), as [len(rows), n_cols] ([n_cols, len(rows)] when
+  transposed). col0 and n_cols are multiples of 16 (a kernel's key tile).
+
+  Hashes the [rows, n_cols / 2] pairs once and interleaves the halves back in groups of 8; the
+  reshapes follow the accumulator layout, so Triton lowers them without data movement.
+  """
+  if n_cols % 16:
+    raise ValueError(f"n_cols must be a multiple of 16, got {n_cols}")
+  n_rows = rows.shape[0]
+  k = jnp.arange(n_cols // 2)
+  pair = (col0 // 2 + (k // 8) * 8 + k % 8).astype(jnp.int32)
+  i = rows.astype(jnp.int32)
+  x = _pair_hash(i[None, :], pair[:, None], state) if transposed else _pair_hash(
+      i[:, None], pair[None, :], state)
+  low, high = _kept_halves(x, p)
+  if transposed:  # [pairs, rows] -> [groups, 8, rows, 2] -> [groups, 2, 8, rows]
+    low, high = low.reshape(n_cols // 16, 8, n_rows), high.reshape(n_cols // 16, 8, n_rows)
+    return jnp.stack([low, high], axis=-1).transpose(0, 3, 1, 2).reshape(n_cols, n_rows)
+  low, high = low.reshape(n_rows, n_cols // 16, 8), high.reshape(n_rows, n_cols // 16, 8)
+  return jnp.stack([low, high], axis=-1).transpose(0, 1, 3, 2).reshape(n_rows, n_cols)
 
 
 def seed_from_key(key):
@@ -53,6 +96,6 @@ def seed_from_key(key):
 
 def dense_keep(seed, batch: int, nheads: int, sq: int, sk: int, p: float):
   """(batch, nheads, sq, sk) bool: the whole keep mask (tests and S_dmask)."""
-  rows, cols = jnp.arange(sq), jnp.arange(sk)
-  per = lambda b, h: keep(stream(seed[0], b, h, nheads), rows, cols, p)
+  rows, cols = jnp.arange(sq)[:, None], jnp.arange(sk)[None, :]
+  per = lambda b, h: keep_at(stream(seed[0], b, h, nheads), rows, cols, p)
   return jax.vmap(lambda b: jax.vmap(lambda h: per(b, h))(jnp.arange(nheads)))(jnp.arange(batch))

@@ -31,6 +31,26 @@ def test_keep_mask_depends_on_every_coordinate():
   assert not np.array_equal(keep, other)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("col0,n_cols", [(0, 16), (48, 32), (128, 64)])
+def test_tiled_keep_matches_its_elementwise_definition(col0, n_cols, transposed):
+  # The kernels draw the mask through the paired, reshaped `keep`; the references through `keep_at`.
+  state = dropout.stream(dropout.seed_from_key(jax.random.PRNGKey(7))[0], 1, 3, 4)
+  rows = 40 + jnp.arange(32)
+  tiled = np.asarray(dropout.keep(state, rows, col0, n_cols, 0.3, transposed))
+  want = np.asarray(dropout.keep_at(state, rows[:, None], col0 + jnp.arange(n_cols)[None, :], 0.3))
+  np.testing.assert_array_equal(tiled, want.T if transposed else want)
+
+
+def test_paired_keys_are_not_copies():
+  # Keys j and j + 8 share a hash; their halves must still decide independently.
+  keep = np.asarray(dropout.dense_keep(dropout.seed_from_key(jax.random.PRNGKey(2)), 1, 1, 512, 512, 0.5))
+  j = np.arange(512)
+  first = j[(j // 8) % 2 == 0]
+  agree = float(np.mean(keep[0, 0][:, first] == keep[0, 0][:, first + 8]))
+  assert abs(agree - 0.5) < 0.01
+
+
 @pytest.mark.parametrize("opts,dtype", [
     (dict(causal=True), "float32"),
     (dict(window_size=(5, 3), softcap=5.0), "float32"),

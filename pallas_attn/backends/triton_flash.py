@@ -173,11 +173,12 @@ class _Dropout:
     self.state = None if seed_ref is None else dropout.stream(seed_ref[0], batch, head, nheads)
     self.scale = 1.0 / (1.0 - self.p) if self.p > 0 else 1.0
 
-  def mask(self, rows, cols, transposed=False):
-    """The tile's keep mask (None when inactive); drawn once per tile and shared by its uses."""
+  def mask(self, rows, col0, n_cols: int, transposed=False):
+    """The keep mask of keys col0 + [0, n_cols) (None when inactive); drawn once per tile and shared
+    by its uses."""
     if self.state is None:
       return None
-    return dropout.keep(self.state, rows, cols, self.p, transposed)
+    return dropout.keep(self.state, rows, col0, n_cols, self.p, transposed)
 
   def apply(self, x, kept, scaled=True):
     """x with dropped entries zeroed (and kept ones scaled by 1 / (1 - p) if `scaled`)."""
@@ -417,7 +418,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       v = _load(v_ref.at[kv_at], kv_mask, 0.0)
       # lse and the normalizer count every probability; only P @ V sees the dropped ones
       # (their 1 / (1 - p) scale is applied once, at the end).
-      p = drop.apply(p, drop.mask(rows, cols), scaled=False)
+      p = drop.apply(p, drop.mask(rows, start, bk), scaled=False)
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_new, l_i
 
@@ -549,7 +550,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       p = jnp.exp2(s - lse2[:, None])
       if masked:
         p = jnp.where(_visible(mask, keep, rows, cols), p, 0.0)
-      dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(rows, cols))
+      dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(rows, start, bk))
       ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
@@ -619,7 +620,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
           p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
-        kept = drop.mask(rows, cols, transposed=True)
+        kept = drop.mask(rows, kv_tile * bk, bk, transposed=True)
         dv = dv + _dot(drop.apply(p_t, kept).astype(do.dtype), do)
         dp_t = drop.apply(_dot(v, do, trans_b=True), kept)
         ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
@@ -650,7 +651,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
           p_t = jnp.where(_visible(mask, keep_t, rows, cols, transposed=True), p_t, 0.0)
-        kept = drop.mask(rows, cols, transposed=True)
+        kept = drop.mask(rows, kv_tile * bk, bk, transposed=True)
         dv = dv + _dot(drop.apply(p_t, kept).astype(do.dtype), do)
         dp_t = drop.apply(_dot(v, do, trans_b=True), kept)
         dt_t = p_t * (dp_t - delta[None, :])  # d loss / d logit: also the bias gradient
