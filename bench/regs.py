@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 _COMPILE = r'''
-import glob, subprocess, sys
+import glob, os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
@@ -49,11 +49,13 @@ for spec in [a for a in sys.argv[2:] if a != "--sass"]:
                           path + ".cubin"], capture_output=True, text=True).stdout
     ops = [l.split("*/", 1)[1].strip().split()[0] for l in dis.splitlines() if "*/" in l and ";" in l]
     ops = [o for o in ops if not o.startswith("@")] + [l.split("*/", 1)[1].split()[1] for l in dis.splitlines() if "*/" in l and l.split("*/", 1)[1].strip().startswith("@")]
+    if os.environ.get("SASS_DUMP"):
+      open(os.environ["SASS_DUMP"] + "." + path.rsplit("/", 1)[-1] + ".sass", "w").write(dis)
     count = lambda *names: sum(o.split(".")[0] in names for o in ops)
     sass = (f" | SASS {len(ops)} instr: int {count('IMAD', 'IADD3', 'LOP3', 'SHF', 'ISETP', 'LEA', 'IMNMX', 'SEL')}"
             f" fp {count('FMUL', 'FADD', 'FFMA', 'FMNMX', 'FSEL', 'FSETP')} mufu {count('MUFU')}"
             f" local {count('LDL', 'STL')} shared {count('LDS', 'STS', 'LDSM', 'STSM')} bar {count('BAR')}")
-  print(path, warps, stages, f"{info} | wgmma waits inserted: {waits}{sass}", flush=True)
+  print(path, warps, stages, f"{info} | shared {k.metadata.shared // 1024} KiB | wgmma waits inserted: {waits}{sass}", flush=True)
 '''
 
 
@@ -82,7 +84,12 @@ def dump(args, out_dir: str) -> list[tuple[str, str]]:
   registration.lowering.lower_jaxpr_to_triton_module = capture
   tiles = parse_tiles(args.tiles)[1] if args.tiles else None
   h, d = 16, args.d
-  if args.varlen:
+  if args.landmark:
+    from bench.landmark import required_is_mem  # pylint: disable=import-outside-toplevel
+    x = jnp.zeros((2, h, 8192, d), args.dtype)
+    attend = lambda q, k, v: pa.fused_landmark_attention(q, k, v, required_is_mem(8192, args.block_size),
+                                                         block_size=args.block_size, tiles=tiles)
+  elif args.varlen:
     x = jnp.zeros((1, sum(VARLEN_LENGTHS), h, d), jnp.bfloat16)
     attend = mixed_varlen(args.causal, tiles)
   else:
@@ -106,6 +113,9 @@ def main(argv=None):
   ap.add_argument("--causal", action="store_true")
   ap.add_argument("--varlen", action="store_true", help="bench.options' mixed lengths, 16384 tokens")
   ap.add_argument("--d", type=int, default=128)
+  ap.add_argument("--landmark", action="store_true", help="landmark attention, (2, 16, 8192, d)")
+  ap.add_argument("--block-size", type=int, default=64, help="landmark block size")
+  ap.add_argument("--dtype", default="bfloat16", help="landmark input dtype")
   ap.add_argument("--dropout", type=float, default=0.0, help="dropout_p (dense runs only)")
   ap.add_argument("--sass", action="store_true", help="also count SASS instructions by kind (static)")
   ap.add_argument("--tiles", default=None, help="fwd,dq,dkv tiles as bench.run's --ours-tiles")
@@ -114,10 +124,17 @@ def main(argv=None):
   if not glob.glob(os.path.join(args.triton, "triton", "backends", "nvidia", "bin", "ptxas*")):
     raise SystemExit(f"no Triton with ptxas under {args.triton}: pip install --target {args.triton} "
                      "triton==3.6.0")
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from pallas_attn import tiles as tiles_mod  # pylint: disable=import-outside-toplevel
   from bench.providers import parse_tiles  # pylint: disable=import-outside-toplevel
-  cfgs = parse_tiles(args.tiles)[1] if args.tiles else tiles_mod.resolve(
-      max(16, 1 << (args.d - 1).bit_length()), 4096, 4096)
+  dp = max(16, 1 << (args.d - 1).bit_length())
+  cfgs = parse_tiles(args.tiles)[1] if args.tiles else tiles_mod.resolve(dp, 4096, 4096)
+  if args.landmark:
+    from pallas_attn.backends import triton_landmark  # pylint: disable=import-outside-toplevel
+    cfgs = triton_landmark.configs(triton_landmark.LandmarkSpec(sq=8192, sk=8192, block_size=args.block_size,
+                                                                scale=args.d ** -0.5), dp,
+                                   jnp.dtype(args.dtype).itemsize,
+                                   cfgs if args.tiles else None)
   with tempfile.TemporaryDirectory() as tmp:
     kernels = dump(args, tmp)
     # fwd, dq, dkv in launch order, as the configs list them.

@@ -90,19 +90,17 @@ def configs(spec: LandmarkSpec, head_dim_padded: int, itemsize: int,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tile-local pieces, for scores laid out [queries, keys] (key_axis=1) or transposed (key_axis=0)
+# Tile-local pieces. Every pass lays its scores out [queries, keys]: the within-block softmax then
+# reduces along the keys inside each thread's rows. The dK/dV pass once used flash's transposed
+# [keys, queries] tile, where those reductions cross warps through shared memory; on the H100 at
+# (2, 16, 8192, 128) its forward+backward took 9.04 ms against 5.99 ms in this layout (2026-11-27).
 
 
-def _expand(x, key_axis: int):
-  return x[:, None] if key_axis == 1 else x[None, :]
+def _landmark_key(bs: int):
+  return (jnp.arange(bs) == bs - 1)[None, :]
 
 
-def _landmark_key(bs: int, key_axis: int):
-  is_last = jnp.arange(bs) == bs - 1
-  return _expand(is_last, 1 - key_axis)  # [1, bs] or [bs, 1]
-
-
-def _split_block(s, key_axis: int):
+def _split_block(s):
   """(L, pn, inv): each query's landmark logit in this tile, and the tile's within-block softmax
   over its ordinary keys as pn * inv (pn = exp2(logit - max), 0 on the landmark; inv = 1 / sum pn).
 
@@ -110,28 +108,27 @@ def _split_block(s, key_axis: int):
   load as 0), so the within-block max is finite and sum pn >= 1. The normalization stays a per-query
   factor so callers fold it into their own per-query scale instead of dividing the whole tile.
   """
-  landmark = _landmark_key(s.shape[key_axis], key_axis)
-  lmk = jnp.max(jnp.where(landmark, s, -_INF), axis=key_axis)
+  landmark = _landmark_key(s.shape[1])
+  lmk = jnp.max(jnp.where(landmark, s, -_INF), axis=1)
   ordinary = jnp.where(landmark, -_INF, s)
-  pn = jnp.exp2(ordinary - _expand(jnp.max(ordinary, axis=key_axis), key_axis))
-  return lmk, pn, 1.0 / jnp.sum(pn, axis=key_axis)
+  pn = jnp.exp2(ordinary - jnp.max(ordinary, axis=1)[:, None])
+  return lmk, pn, 1.0 / jnp.sum(pn, axis=1)
 
 
-def _modes(pos, start, bs: int, key_axis: int):
-  """(landmark rows [n], own-visible keys [n, bs] or [bs, n]) of key tile [start, start + bs)."""
+def _modes(pos, start, bs: int):
+  """(landmark rows [n], own-visible keys [n, bs]) of key tile [start, start + bs)."""
   cols = start + jnp.arange(bs)
   landmark_mode = pos >= start + bs
-  p, j = _expand(pos, key_axis), _expand(cols, 1 - key_axis)
+  p, j = pos[:, None], cols[None, :]
   # j >= start makes j <= p imply p >= start; j <= p on an ordinary key is j <= p'.
-  own = (j <= p) & _expand(pos < start + bs, key_axis) & ~_landmark_key(bs, key_axis)
+  own = (j <= p) & (pos < start + bs)[:, None] & ~_landmark_key(bs)
   return landmark_mode, own
 
 
-def _grad_scores(p, dpv, a, e, delta, dlt, key_axis: int):
+def _grad_scores(p, dpv, a, e, delta, dlt):
   """dS (natural-log logits) of one tile; dlt is E_t for landmark-mode queries and delta for own mode."""
-  landmark = _landmark_key(p.shape[key_axis], key_axis)
-  return (p * (dpv - _expand(dlt, key_axis))
-          + jnp.where(landmark, _expand(a * (e - delta), key_axis), 0.0))
+  landmark = _landmark_key(p.shape[1])
+  return p * (dpv - dlt[:, None]) + jnp.where(landmark, (a * (e - delta))[:, None], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,9 +170,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LandmarkSpec, cfg:
     k = _load(k_ref.at[pl.ds(start, bs), :], kv_mask, 0.0)
     v = _load(v_ref.at[pl.ds(start, bs), :], kv_mask, 0.0)
     s = _dot(q, k, trans_b=True) * scale  # [bq, bs]
-    lmk, pn, inv = _split_block(s, 1)
+    lmk, pn, inv = _split_block(s)
     if masked:
-      landmark_mode, own = _modes(pos, start, bs, 1)
+      landmark_mode, own = _modes(pos, start, bs)
       lmk = jnp.where(landmark_mode, lmk, -_INF)
       s_own = jnp.where(own, s, -_INF)
       m_new = jnp.maximum(m_i, jnp.maximum(lmk, jnp.max(s_own, axis=1)))
@@ -246,6 +243,24 @@ def forward(q, k, v, *, spec: LandmarkSpec, cfgs: KernelConfigs, head_dim: int, 
 # Backward
 
 
+def _tile_grads(spec: LandmarkSpec, q, k, v, do, lse2, delta, pos, start, masked: bool):
+  """(P, dS) of one [queries, keys] tile, both backward passes' shared core: P the attention weights,
+  dS the gradient of the natural-log logits."""
+  bs = spec.block_size
+  s = _dot(q, k, trans_b=True) * (spec.scale * LOG2E)  # [bq, bs]
+  lmk, pn, inv = _split_block(s)
+  dpv = _dot(do, v, trans_b=True)
+  e = jnp.sum(pn * dpv, axis=1) * inv
+  if masked:
+    landmark_mode, own = _modes(pos, start, bs)
+    a = jnp.exp2(jnp.where(landmark_mode, lmk, -_INF) - lse2)
+    p = pn * (a * inv)[:, None] + jnp.exp2(jnp.where(own, s, -_INF) - lse2[:, None])
+    return p, _grad_scores(p, dpv, a, e, delta, jnp.where(landmark_mode, e, delta))
+  a = jnp.exp2(lmk - lse2)
+  p = pn * (a * inv)[:, None]
+  return p, _grad_scores(p, dpv, a, e, delta, e)
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, dq_ref, delta_ref, *,
                spec: LandmarkSpec, cfg: TileConfig, head_dim: int, n_q_tiles: int):
   bq, bs = cfg.block_q, spec.block_size
@@ -264,25 +279,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, dq_ref, de
            - _compat.load(dlse_ref, mask=row_ok, other=0.0))
   # Padding rows get lse = +inf, which zeroes every weight they would contribute.
   lse2 = _compat.load(lse_ref, mask=row_ok, other=_INF) * LOG2E
-  scale = spec.scale * LOG2E
 
   def body(kv_tile, dq, masked):
     start = kv_tile * bs
     kv_mask = _and(((start + jnp.arange(bs)) < spec.sk)[:, None], head_ok) if masked else head_ok
     k = _load(k_ref.at[pl.ds(start, bs), :], kv_mask, 0.0)
     v = _load(v_ref.at[pl.ds(start, bs), :], kv_mask, 0.0)
-    s = _dot(q, k, trans_b=True) * scale  # [bq, bs]
-    lmk, pn, inv = _split_block(s, 1)
-    dpv = _dot(do, v, trans_b=True)
-    e = jnp.sum(pn * dpv, axis=1) * inv
-    if masked:
-      landmark_mode, own = _modes(pos, start, bs, 1)
-      a = jnp.exp2(jnp.where(landmark_mode, lmk, -_INF) - lse2)
-      p = pn * (a * inv)[:, None] + jnp.exp2(jnp.where(own, s, -_INF) - lse2[:, None])
-      ds = _grad_scores(p, dpv, a, e, delta, jnp.where(landmark_mode, e, delta), 1)
-    else:
-      a = jnp.exp2(lmk - lse2)
-      ds = _grad_scores(pn * (a * inv)[:, None], dpv, a, e, delta, e, 1)
+    _, ds = _tile_grads(spec, q, k, v, do, lse2, delta, pos, start, masked)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = _tile_loops(_kv_bounds(spec, q_tile, bq), body, jnp.zeros((bq, dp), jnp.float32))
@@ -310,9 +313,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   tile_mask = _and(col_ok[:, None], head_ok)
   k = _load(k_ref, tile_mask, 0.0)
   v = _load(v_ref, tile_mask, 0.0)
-  scale = spec.scale * LOG2E
 
-  # Transposed scores [bs, bq], as flash's dK/dV pass, so each product takes its operands as they are.
   def body(q_tile, carry, masked):
     dk, dv = carry
     start = q_tile * bq
@@ -323,22 +324,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     do = _load(do_ref.at[pl.ds(start, bq), :], q_mask, 0.0)
     lse2 = _compat.load(lse_ref.at[pl.ds(start, bq)], mask=row_ok, other=_INF) * LOG2E
     delta = _compat.load(delta_ref.at[pl.ds(start, bq)], mask=row_ok, other=0.0)
-    s_t = _dot(k, q, trans_b=True) * scale
-    lmk, pn_t, inv = _split_block(s_t, 0)
-    dpv_t = _dot(v, do, trans_b=True)
-    e = jnp.sum(pn_t * dpv_t, axis=0) * inv
-    if masked:
-      landmark_mode, own_t = _modes(rows + spec.n_hist, start_k, bs, 0)
-      a = jnp.exp2(jnp.where(landmark_mode, lmk, -_INF) - lse2)
-      p_t = pn_t * (a * inv)[None, :] + jnp.exp2(jnp.where(own_t, s_t, -_INF) - lse2[None, :])
-      ds_t = _grad_scores(p_t, dpv_t, a, e, delta, jnp.where(landmark_mode, e, delta), 0)
-    else:
-      a = jnp.exp2(lmk - lse2)
-      p_t = pn_t * (a * inv)[None, :]
-      ds_t = _grad_scores(p_t, dpv_t, a, e, delta, e, 0)
-    dv = dv + _dot(p_t.astype(do.dtype), do)
-    dk = dk + _dot(ds_t.astype(q.dtype), q)
-    return dk, dv
+    p, ds = _tile_grads(spec, q, k, v, do, lse2, delta, rows + spec.n_hist, start_k, masked)
+    return (dk + _dot(ds.astype(q.dtype), q, trans_a=True),
+            dv + _dot(p.astype(do.dtype), do, trans_a=True))
 
   zeros = jnp.zeros((bs, dp), jnp.float32)
   dk, dv = _tile_loops(_q_bounds(spec, kv_tile, bq), body, (zeros, zeros))
