@@ -1,19 +1,22 @@
 """Registers and spills of our flash kernels for the H100 (sm_90a), without a GPU.
 
   pip install --target /tmp/tritonpkg triton==3.6.0     # once: Triton with its own ptxas (~650 MB)
-  python -m bench.regs [--causal] [--varlen] [--dropout P] [--d 128] [--sass]
+  python -m bench.regs [--causal] [--varlen] [--dropout P] [--landmark] [--d 128] [--sass]
                        [--tiles QxKwWsS,QxKwWsS,QxKwWsS] [--triton /tmp/tritonpkg]
 
 jax lowers each pallas_call to Triton IR for CUDA on the CPU; this captures that IR, compiles it in
 a second process with the Triton found under --triton (jaxlib and Triton each carry their own MLIR,
-so they stay in separate processes), and runs Triton's ptxas -v on the PTX. It prints each kernel's
-registers per thread, spill bytes and how many times ptxas had to serialize a wgmma (warning C7519);
---sass adds static SASS instruction counts by kind (integer, float, MUFU, local and shared memory,
-barriers), which is how the dropout hash's cost and any layout conversion show up.
-At (4, 16, 4096, 128) bf16 it gives the forward 255
-registers and spills, as Nsight Compute did on the H100 (2026-11-27); dQ 179 registers here against
-168 there (XLA compiles with its own Triton, not this one). The varlen forward spills 2.5x the bytes
-of the dense one, and on the H100 it made 36x the spill requests and ran at 0.68x the TFLOP/s.
+so they stay in separate processes) through the passes XLA runs, and runs Triton's ptxas -v on the
+PTX. It prints each kernel's registers per thread, spill bytes, shared memory and how many times
+ptxas serialized a wgmma (warnings C7515/C7519); --sass adds static SASS instruction counts by kind
+(integer, float, MUFU, local and shared memory, barriers), which is how the dropout hash's cost and
+any layout conversion show up. SASS_DUMP=PREFIX keeps each kernel's disassembly.
+
+At (4, 16, 4096, 128) bf16: forward 255 registers with 32 bytes of spills, dQ 173 registers, dK/dV
+254; Nsight Compute on the H100 read 255 / 168 / 254 (2026-11-27; XLA builds its own Triton). The
+varlen forward spills 248 bytes, 26 spill instructions inside its main loop where the dense one has
+none; the only difference that matters is the loop's trip count being a runtime value (static
+lengths bring it back to 28 bytes and dense speed on the H100).
 """
 from __future__ import annotations
 
@@ -30,8 +33,21 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 ptxas = glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/ptxas*")[0]
+from triton._C.libtriton import ir
+from triton.backends.nvidia.compiler import CUDABackend
 for spec in [a for a in sys.argv[2:] if a != "--sass"]:
   path, warps, stages = spec.rsplit(":", 2)
+  # A .ttir source skips Triton's make_ttir passes (canonicalize, combine, ...); XLA runs them
+  # (its CreateTritonPipeline starts with them), so run them here too: without combine, a dot added
+  # to an accumulator keeps a second accumulator's worth of registers.
+  context = ir.context()
+  ir.load_dialects(context)
+  mod = ir.parse_mlir_module(path, context)
+  mod.context = context
+  CUDABackend.make_ttir(mod, {}, None, 90)
+  path = path + ".combined.ttir"
+  with open(path, "w") as f:
+    f.write(str(mod))
   k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=int(warps), num_stages=int(stages)))
   with open(path + ".ptx", "w") as f:
@@ -40,9 +56,10 @@ for spec in [a for a in sys.argv[2:] if a != "--sass"]:
                        capture_output=True, text=True).stderr
   # C7519: ptxas had to insert a warpgroup.arrive so that a wgmma could use registers: its
   # asynchronous matrix products are serialized there.
-  waits = sum("C7519" in l for l in out.splitlines())
+  # C7515: serialized because other instructions sit inside a wgmma pipeline stage.
+  waits = sum("C7519" in l or "C7515" in l for l in out.splitlines())
   info = " | ".join(l.split(":", 1)[-1].strip() for l in out.splitlines()
-                    if ("registers" in l or "spill" in l) and "C7519" not in l)
+                    if ("registers" in l or "spill" in l) and "C75" not in l)
   sass = ""
   if sys.argv[-1] == "--sass":
     dis = subprocess.run([glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/cuobjdump")[0], "-sass",
