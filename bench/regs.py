@@ -28,7 +28,7 @@ import sys
 import tempfile
 
 _COMPILE = r'''
-import glob, os, subprocess, sys
+import glob, os, re, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
@@ -64,15 +64,19 @@ for spec in [a for a in sys.argv[2:] if a != "--sass"]:
   if sys.argv[-1] == "--sass":
     dis = subprocess.run([glob.glob(sys.argv[1] + "/triton/backends/nvidia/bin/cuobjdump")[0], "-sass",
                           path + ".cubin"], capture_output=True, text=True).stdout
-    ops = [l.split("*/", 1)[1].strip().split()[0] for l in dis.splitlines() if "*/" in l and ";" in l]
-    ops = [o for o in ops if not o.startswith("@")] + [l.split("*/", 1)[1].split()[1] for l in dis.splitlines() if "*/" in l and l.split("*/", 1)[1].strip().startswith("@")]
+    # "/*0450*/ @!P0 LDGSTS.E.BYPASS.128 [...] ;" -> "LDGSTS.E.BYPASS.128"
+    ops = [re.sub(r"^@!?U?P[T0-9]+\s+", "", l.split("*/", 1)[1].strip()).split()[0]
+           for l in dis.splitlines() if "*/" in l and ";" in l]
     if os.environ.get("SASS_DUMP"):
       open(os.environ["SASS_DUMP"] + "." + path.rsplit("/", 1)[-1] + ".sass", "w").write(dis)
     count = lambda *names: sum(o.split(".")[0] in names for o in ops)
-    sass = (f" | SASS {len(ops)} instr: int {count('IMAD', 'IADD3', 'LOP3', 'SHF', 'ISETP', 'LEA', 'IMNMX', 'SEL')}"
+    ints = count("IMAD", "IADD3", "LOP3", "SHF", "ISETP", "LEA", "IMNMX", "SEL")
+    sass = (f" | SASS {len(ops)} instr: int {ints}"
             f" fp {count('FMUL', 'FADD', 'FFMA', 'FMNMX', 'FSEL', 'FSETP')} mufu {count('MUFU')}"
             f" local {count('LDL', 'STL')} shared {count('LDS', 'STS', 'LDSM', 'STSM')} bar {count('BAR')}")
-  print(path, warps, stages, f"{info} | shared {k.metadata.shared // 1024} KiB | wgmma waits inserted: {waits}{sass}", flush=True)
+  print(path, warps, stages,
+        f"{info} | shared {k.metadata.shared // 1024} KiB | wgmma waits inserted: {waits}{sass}",
+        flush=True)
 '''
 
 
@@ -157,7 +161,8 @@ def main(argv=None):
     # fwd, dq, dkv in launch order, as the configs list them.
     specs = [f"{path}:{c.num_warps}:{c.num_stages}"
              for (_, path), c in zip(kernels, (cfgs.fwd, cfgs.bwd_dq, cfgs.bwd_dkv))]
-    res = subprocess.run([sys.executable, "-c", _COMPILE, args.triton, *specs, *(["--sass"] if args.sass else [])], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _COMPILE, args.triton, *specs,
+                          *(["--sass"] if args.sass else [])], capture_output=True,
                          text=True, check=False)
     if res.returncode:
       raise SystemExit(res.stderr[-2000:])

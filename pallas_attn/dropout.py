@@ -3,8 +3,9 @@
 A counter-based hash (two xorshift-multiply rounds over a mix of the coordinates) replaces a stored
 mask: the forward draws it tile by tile, the backward redraws the identical bits, and tests rebuild
 it densely. Each hash serves two elements (16 bits each): the hash was the kernels' largest cost
-with dropout on, about 12 integer operations per element before pairing. All arithmetic is int32 with wrap-around multiplication and logical shifts, which Triton,
-XLA and numpy agree on bit for bit.
+with dropout on, about 12 integer operations per element before pairing. All arithmetic is int32
+with wrap-around multiplication and logical shifts, which Triton, XLA and numpy agree on bit for
+bit.
 """
 from __future__ import annotations
 
