@@ -37,7 +37,8 @@ def stream(seed, batch, head, nheads: int):
 
 
 def _pair_hash(i, pair, state):
-  """32 random bits per (row, key pair): two rounds of xorshift-multiply (murmur3-style constants)."""
+  """32 random bits per (row, key pair): two xorshift-multiply rounds, C. Wellons' lowbias32 integer
+  hash without its final xorshift (each 16-bit half still depends on every input bit)."""
   x = (i * _i32(0x9E3779B1)) ^ (pair * _i32(0x85EBCA77) + state)
   x = (x ^ _srl(x, 16)) * _i32(0x7FEB352D)
   return (x ^ _srl(x, 15)) * _i32(0x846CA68B)
