@@ -10,7 +10,8 @@ so they stay in separate processes) through the passes XLA runs, and runs Triton
 PTX. It prints each kernel's registers per thread, spill bytes, shared memory and how many times
 ptxas serialized a wgmma (warnings C7515/C7519); --sass adds static SASS instruction counts by kind
 (integer, float, MUFU, local and shared memory, barriers), which is how the dropout hash's cost and
-any layout conversion show up. SASS_DUMP=PREFIX keeps each kernel's disassembly.
+any layout conversion show up. SASS_DUMP=PREFIX keeps each kernel's disassembly, REGS_KEEP=DIR
+its Triton IR and PTX.
 
 At (4, 16, 4096, 128) bf16: forward 255 registers with 32 bytes of spills, dQ 173 registers, dK/dV
 254; Nsight Compute on the H100 read 255 / 168 / 254 (2026-11-27; XLA builds its own Triton). The
@@ -21,6 +22,7 @@ lengths bring it back to 28 bytes and dense speed on the H100).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import subprocess
@@ -156,7 +158,10 @@ def main(argv=None):
                                                                 scale=args.d ** -0.5), dp,
                                    jnp.dtype(args.dtype).itemsize,
                                    cfgs if args.tiles else None)
-  with tempfile.TemporaryDirectory() as tmp:
+  keep = os.environ.get("REGS_KEEP")  # a folder to keep the .ttir/.ptx/.cubin in
+  if keep:
+    os.makedirs(keep, exist_ok=True)
+  with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory()) as tmp:
     kernels = dump(args, tmp)
     # fwd, dq, dkv in launch order, as the configs list them.
     specs = [f"{path}:{c.num_warps}:{c.num_stages}"

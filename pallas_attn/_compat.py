@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", message=r".*Triton.*deprecated.*", category=De
 
 load = pltriton.load
 store = pltriton.store
+inline_asm = getattr(pltriton, "elementwise_inline_asm", None)  # Triton lowering only
 
 
 def triton_params(num_warps: int, num_stages: int):

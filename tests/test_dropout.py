@@ -37,7 +37,7 @@ def test_tiled_keep_matches_its_elementwise_definition(col0, n_cols, transposed)
   # The kernels draw the mask through the paired, reshaped `keep`; the references through `keep_at`.
   state = dropout.stream(dropout.seed_from_key(jax.random.PRNGKey(7))[0], 1, 3, 4)
   rows = 40 + jnp.arange(32)
-  tiled = np.asarray(dropout.keep(state, rows, col0, n_cols, 0.3, transposed))
+  tiled = np.asarray(dropout.keep(state, 40, 32, col0, n_cols, 0.3, transposed))
   want = np.asarray(dropout.keep_at(state, rows[:, None], col0 + jnp.arange(n_cols)[None, :], 0.3))
   np.testing.assert_array_equal(tiled, want.T if transposed else want)
 
@@ -51,13 +51,21 @@ def test_paired_keys_are_not_copies():
   assert abs(agree - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("opts,dtype", [
-    (dict(causal=True), "float32"),
-    (dict(window_size=(5, 3), softcap=5.0), "float32"),
-    (dict(causal=True), "bfloat16"),
+_SMALL, _LARGE = (2, 70, 50, 4, 2, 32), (2, 600, 520, 4, 2, 128)
+
+
+# On a GPU the kernels compare and select through inline PTX, which interpret mode never runs: the
+# large cases check that path against the same definition.
+@pytest.mark.parametrize("opts,dtype,dims", [
+    (dict(causal=True), "float32", _SMALL),
+    (dict(window_size=(5, 3), softcap=5.0), "float32", _SMALL),
+    (dict(causal=True), "bfloat16", _SMALL),
+    pytest.param(dict(causal=True), "bfloat16", _LARGE, marks=pytest.mark.gpu),
+    pytest.param(dict(softcap=5.0), "float16", _LARGE, marks=pytest.mark.gpu),
+    pytest.param(dict(window_size=(100, 30)), "float32", _LARGE, marks=pytest.mark.gpu),
 ])
-def test_parity_with_the_kernels_keep_mask(opts, dtype):
-  b, sq, sk, h, hk, d, p = 2, 70, 50, 4, 2, 32, 0.3
+def test_parity_with_the_kernels_keep_mask(opts, dtype, dims):
+  (b, sq, sk, h, hk, d), p = dims, 0.3
   q, k, v, _, dout, _ = numerics.random_inputs(11, b, sq, sk, h, hk, d, dtype)
   key = jax.random.PRNGKey(5)
 

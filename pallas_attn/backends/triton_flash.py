@@ -166,26 +166,56 @@ def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -
 
 
 class _Dropout:
-  """The keep mask of one (batch, head) program, scaled by 1 / (1 - p); inactive when p == 0."""
+  """The keep mask of one (batch, head) program; inactive when p == 0.
 
-  def __init__(self, spec: AttentionSpec, seed_ref, batch, head, nheads: int):
+  Kept entries are never multiplied by 1 / (1 - p) inside a loop: the forward scales its output
+  once, and the backward writes dS / scale = P * (keep * dP - delta * (1 - p)) (`delta` returns
+  the shifted delta) and scales dQ, dK and dV once, before storing.
+  """
+
+  def __init__(self, spec: AttentionSpec, seed_ref, batch, head, nheads: int, asm: bool = False):
     self.p = spec.dropout_p
+    self.asm = asm and _compat.inline_asm is not None
     self.state = None if seed_ref is None else dropout.stream(seed_ref[0], batch, head, nheads)
-    self.scale = 1.0 / (1.0 - self.p) if self.p > 0 else 1.0
+    self.scale = self.scale_of(spec)
 
-  def mask(self, rows, col0, n_cols: int, transposed=False):
-    """The keep mask of keys col0 + [0, n_cols) (None when inactive); drawn once per tile and shared
-    by its uses."""
+  @staticmethod
+  def scale_of(spec: AttentionSpec) -> float:
+    return 1.0 / (1.0 - spec.dropout_p)
+
+  def mask(self, row0, n_rows: int, col0, n_cols: int, transposed=False):
+    """The draws (see dropout.kept) of rows row0 + [0, n_rows) and keys col0 + [0, n_cols) (None
+    when inactive); drawn once per tile and shared by its uses."""
     if self.state is None:
       return None
-    return dropout.keep(self.state, rows, col0, n_cols, self.p, transposed)
+    return dropout.draws(self.state, row0, n_rows, col0, n_cols, transposed)
 
-  def apply(self, x, kept, scaled=True):
-    """x with dropped entries zeroed (and kept ones scaled by 1 / (1 - p) if `scaled`)."""
-    if kept is None:
+  def apply(self, x, draws):
+    """x with dropped entries zeroed (unscaled)."""
+    if draws is None:
       return x
-    x = jnp.where(kept, x, 0.0)
-    return x * self.scale if scaled else x
+    if self.asm and x.dtype == jnp.float32:
+      # Compare and select in one asm block: as a jnp select, LLVM would move the select below
+      # the forward's bf16 conversion and then unpack, select and repack 16-bit halves (about
+      # 2.3 instructions per element instead of 1).
+      [out] = _compat.inline_asm(
+          "{ .reg .pred k; setp.ge.u32 k, $2, %d; selp.f32 $0, $1, 0f00000000, k; }"
+          % (dropout.threshold(self.p) << 16),
+          args=[x, draws], constraints="=f,f,r", pack=1,
+          result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+      return out
+    return jnp.where(dropout.kept(draws, self.p), x, 0.0)
+
+  def delta(self, delta):
+    return delta if self.p == 0 else delta * (1.0 - self.p)
+
+
+def _logit_grad(p, pd, dp, delta):
+  """d loss / d logit, over the dropout scale: P * (keep * dP - delta). pd is P with the dropped
+  entries zeroed (P itself without dropout); the mask itself need not stay live across dP's product."""
+  if pd is p:
+    return p * (dp - delta)
+  return pd * dp - p * delta
 
 
 class _BiasMask:
@@ -371,7 +401,7 @@ def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
-                n_q_tiles: int, reverse: bool, nheads: int, n_sink: int = 0):
+                n_q_tiles: int, reverse: bool, nheads: int, n_sink: int = 0, asm: bool = False):
   opt = _split_refs(refs, spec, 2)
   o_ref, lse_ref = opt.outs
   bq, bk = cfg.block_q, cfg.block_k
@@ -392,7 +422,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     tile_mask = _and(row_ok[:, None], head_ok)
     q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
-    drop = _Dropout(spec, opt.seed, batch, head, nheads)
+    drop = _Dropout(spec, opt.seed, batch, head, nheads, asm)
     dyn = _bias_mask(opt)
 
     def body(kv_tile, carry, masked):
@@ -418,7 +448,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       v = _load(v_ref.at[kv_at], kv_mask, 0.0)
       # lse and the normalizer count every probability; only P @ V sees the dropped ones
       # (their 1 / (1 - p) scale is applied once, at the end).
-      p = drop.apply(p, drop.mask(rows, start, bk), scaled=False)
+      p = drop.apply(p, drop.mask(q_tile * bq, bq, start, bk))
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_new, l_i
 
@@ -459,7 +489,8 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   blocks = _Blocks(spec, dp, group)
   lse_shape = (h, q.shape[0]) if spec.varlen else (q.shape[0], h, q.shape[1])
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                             reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1])
+                             reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1],
+                             asm=not interpret)
   kv_blocks = blocks.pages if spec.page else blocks.heads
   in_specs = [blocks.heads(q), kv_blocks(k, lambda hh: hh // group),
               kv_blocks(v, lambda hh: hh // group)]
@@ -508,7 +539,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
 
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
                cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, nheads: int,
-               n_sink: int = 0):
+               n_sink: int = 0, asm: bool = False):
   opt = _split_refs(refs, spec, 3 if spec.sink else 2)
   dq_ref, delta_ref = opt.outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
@@ -533,7 +564,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
              - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0))
     lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
     scores = _Scores(spec, mask, _load_slope(opt.alibi))
-    drop = _Dropout(spec, opt.seed, batch, head, nheads)
+    drop = _Dropout(spec, opt.seed, batch, head, nheads, asm)
+    delta_d = drop.delta(delta)
     dyn = _bias_mask(opt)
 
     def body(kv_tile, dq, masked):
@@ -550,13 +582,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       p = jnp.exp2(s - lse2[:, None])
       if masked:
         p = jnp.where(_visible(mask, keep, rows, cols), p, 0.0)
-      dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(rows, start, bk))
-      ds = scores.raw_grad(p * (dpv - delta[:, None]), th)
+      dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(q_tile * bq, bq, start, bk))
+      ds = scores.raw_grad(p * (dpv - delta_d[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
-    _store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), tile_mask)
-    _store(delta_ref.at[rows_at], delta, row_ok)
+    _store(dq_ref.at[rows_at, :], (dq * drop.scale).astype(dq_ref.dtype), tile_mask)
+    _store(delta_ref.at[rows_at], delta_d, row_ok)  # the dK/dV pass's delta, shifted for dropout
     if opt.sink is not None:
       # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
       z2 = _sink_logits2(opt.sink, rows_at, row_ok, n_sink, per_row_sink)
@@ -580,7 +612,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
-                cfg: TileConfig, head_dim: int, group: int, nheads: int):
+                cfg: TileConfig, head_dim: int, group: int, nheads: int, asm: bool = False):
   # The sink gradient comes from the dQ pass; the dynamic mask's bias gradient from this one.
   opt = _split_refs(refs, spec, 3 if spec.bias_mask else 2, with_sink=False)
   dk_ref, dv_ref = opt.outs[:2]
@@ -589,6 +621,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
   kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   seq = _sequence(spec, opt.seqlens, batch)
   mask = seq.mask
+  drop_scale = _Dropout.scale_of(spec)
 
   def run():
     cols = kv_tile * bk + jnp.arange(bk)
@@ -603,7 +636,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
     # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
     def head(g, carry):
       scores = _Scores(spec, mask, _load_slope(opt.alibi, g))
-      drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads)
+      drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads, asm)
 
       def body(q_tile, carry, masked):
         dk, dv = carry
@@ -620,10 +653,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
           p_t = jnp.where(mask.visible(rows, cols, transposed=True), p_t, 0.0)
-        kept = drop.mask(rows, kv_tile * bk, bk, transposed=True)
-        dv = dv + _dot(drop.apply(p_t, kept).astype(do.dtype), do)
-        dp_t = drop.apply(_dot(v, do, trans_b=True), kept)
-        ds_t = scores.raw_grad(p_t * (dp_t - delta[None, :]), th)
+        pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
+        dv = dv + _dot(pd_t.astype(do.dtype), do)
+        dp_t = _dot(v, do, trans_b=True)
+        ds_t = scores.raw_grad(_logit_grad(p_t, pd_t, dp_t, delta[None, :]), th)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
@@ -642,7 +675,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
 
       def head(g, carry):
         dk, dv, dbias_t = carry
-        drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads)
+        drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads, asm)
         q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
         do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
         lse2 = _compat.load(lse_ref.at[g, rows_at], mask=row_ok, other=_INF) * LOG2E
@@ -651,10 +684,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
           p_t = jnp.where(_visible(mask, keep_t, rows, cols, transposed=True), p_t, 0.0)
-        kept = drop.mask(rows, kv_tile * bk, bk, transposed=True)
-        dv = dv + _dot(drop.apply(p_t, kept).astype(do.dtype), do)
-        dp_t = drop.apply(_dot(v, do, trans_b=True), kept)
-        dt_t = p_t * (dp_t - delta[None, :])  # d loss / d logit: also the bias gradient
+        pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
+        dv = dv + _dot(pd_t.astype(do.dtype), do)
+        dp_t = _dot(v, do, trans_b=True)
+        dt_t = _logit_grad(p_t, pd_t, dp_t, delta[None, :])  # also the bias gradient (/ scale)
         dk = dk + _dot(scores.raw_grad(dt_t, th).astype(q.dtype), q)
         return dk, dv, dbias_t + dt_t
 
@@ -666,7 +699,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         dk, dv, dbias_t = lax.fori_loop(0, group, head, carry)
       dbias_ref = opt.outs[2]
       _store(dbias_ref.at[pl.ds(start, bq), pl.ds(kv_tile * bk, bk)],
-             dbias_t.T.astype(dbias_ref.dtype),
+             (dbias_t.T * drop_scale).astype(dbias_ref.dtype),
              (row_ok[:, None] & col_ok[None, :]) if masked else None)
       return dk, dv
 
@@ -679,8 +712,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
       dk, dv = head(jnp.int32(0), (zeros, zeros))
     else:
       dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-    _store(dk_ref.at[cols_at, :], dk.astype(dk_ref.dtype), tile_mask)
-    _store(dv_ref.at[cols_at, :], dv.astype(dv_ref.dtype), tile_mask)
+    _store(dk_ref.at[cols_at, :], (dk * drop_scale).astype(dk_ref.dtype), tile_mask)
+    _store(dv_ref.at[cols_at, :], (dv * drop_scale).astype(dv_ref.dtype), tile_mask)
 
   _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
@@ -745,7 +778,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
   dq, delta, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                        reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1]),
+                        reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1],
+                        asm=not interpret),
       grid=(n_q, n_seq, h),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -784,7 +818,8 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
     out_specs.append(blocks.pairs(bias, own_head))
     out_shape.append(jax.ShapeDtypeStruct(bias.shape, bias.dtype))
   dk, dv, *dbias = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group, nheads=h),
+      functools.partial(_dkv_kernel, spec=spec, cfg=cfg, head_dim=head_dim, group=group, nheads=h,
+                        asm=not interpret),
       grid=(n_k, n_seq, hk),
       in_specs=in_specs,
       out_specs=out_specs,
