@@ -15,9 +15,10 @@ its Triton IR and PTX.
 
 At (4, 16, 4096, 128) bf16: forward 255 registers with 32 bytes of spills, dQ 173 registers, dK/dV
 254; Nsight Compute on the H100 read 255 / 168 / 254 (2026-11-27; XLA builds its own Triton). The
-varlen forward spills 248 bytes, 26 spill instructions inside its main loop where the dense one has
-none; the only difference that matters is the loop's trip count being a runtime value (static
-lengths bring it back to 28 bytes and dense speed on the H100).
+varlen forward spilled 248 bytes, 26 spill instructions inside its main loop where the dense one had
+none, while its epilogue reused the Q load's per-row offsets and row tests: derived from lengths
+read from memory, ptxas could not recompute them and kept them through the loop. Reading the
+lengths again after the loop brings it to 48 bytes, none inside the main loop.
 """
 from __future__ import annotations
 

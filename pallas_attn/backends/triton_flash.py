@@ -462,8 +462,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     empty = l_i == 0.0
     out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
     lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-    _store(o_ref.at[rows_at, :], out.astype(o_ref.dtype), tile_mask)
-    _store(lse_ref.at[rows_at], lse, row_ok)
+    rows_out, ok_out, mask_out = rows_at, row_ok, tile_mask
+    if spec.varlen:
+      # Where the rows go is read from cu_seqlens again rather than reused from the Q load. Derived
+      # from lengths loaded from memory (not program ids), the Q load's per-row offsets and row
+      # tests cannot be recomputed by ptxas, so it kept them through the key loop; at 255 registers
+      # that cost some 26 local loads/stores per key tile inside the loop. A second load is not
+      # merged with the first, so no per-row value crosses the loop.
+      out_seq = _sequence(spec, opt.seqlens, batch)
+      rows_out = pl.ds(out_seq.q0 + q_tile * bq, bq)
+      ok_out = rows < out_seq.mask.sq
+      mask_out = _and(ok_out[:, None], head_ok)
+    _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), mask_out)
+    _store(lse_ref.at[rows_out], lse, ok_out)
 
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
 
