@@ -658,8 +658,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
         q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
         do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
-        lse2 = _compat.load(lse_ref.at[g, rows_at], mask=row_ok, other=_INF) * LOG2E
-        delta = _compat.load(delta_ref.at[g, rows_at], mask=row_ok, other=0.0)
+        # Interior tiles lie inside the sequence: no row test. With a varlen length (a runtime
+        # value) Triton could not see that the test is uniform over the tile and copied lse and
+        # delta element by element, with a predicate each.
+        row_mask = row_ok if masked else None
+        lse2 = _load(lse_ref.at[g, rows_at], row_mask, _INF) * LOG2E
+        delta = _load(delta_ref.at[g, rows_at], row_mask, 0.0)
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)  # [bk, bq]
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
@@ -689,8 +693,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads, asm)
         q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
         do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
-        lse2 = _compat.load(lse_ref.at[g, rows_at], mask=row_ok, other=_INF) * LOG2E
-        delta = _compat.load(delta_ref.at[g, rows_at], mask=row_ok, other=0.0)
+        row_mask = row_ok if masked else None  # see head()
+        lse2 = _load(lse_ref.at[g, rows_at], row_mask, _INF) * LOG2E
+        delta = _load(delta_ref.at[g, rows_at], row_mask, 0.0)
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
