@@ -551,8 +551,9 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
                cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, nheads: int,
                n_sink: int = 0, asm: bool = False):
-  opt = _split_refs(refs, spec, 3 if spec.sink else 2)
-  dq_ref, delta_ref = opt.outs[:2]
+  opt = _split_refs(refs, spec, 4 if spec.sink else 3)
+  dq_ref, delta_ref, lse2_ref = opt.outs[:3]
+  dsink_ref = opt.outs[3] if spec.sink else None
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
   pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -599,7 +600,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 
     dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
     _store(dq_ref.at[rows_at, :], (dq * drop.scale).astype(dq_ref.dtype), tile_mask)
-    _store(delta_ref.at[rows_at], delta_d, row_ok)  # the dK/dV pass's delta, shifted for dropout
+    # The dK/dV pass's inputs, per sequence at tile-aligned offsets (see backward()); rows past the
+    # sequence are never read unmasked, so the stores need no row test.
+    _store(delta_ref.at[pl.ds(q_tile * bq, bq)], delta_d, None)  # shifted for dropout
+    _store(lse2_ref.at[pl.ds(q_tile * bq, bq)], lse2, None)
     if opt.sink is not None:
       # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
       z2 = _sink_logits2(opt.sink, rows_at, row_ok, n_sink, per_row_sink)
@@ -607,22 +611,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
       col_ok = jnp.arange(z2.shape[-1]) < n_sink
       if per_row_sink:
-        _compat.store(opt.outs[2].at[rows_at, pl.ds(0, z2.shape[-1])], contrib,
+        _compat.store(dsink_ref.at[rows_at, pl.ds(0, z2.shape[-1])], contrib,
                       mask=row_ok[:, None] & col_ok[None, :])
       else:
-        _compat.store(opt.outs[2].at[pl.ds(0, z2.shape[-1])], jnp.sum(contrib, axis=0), mask=col_ok)
+        _compat.store(dsink_ref.at[pl.ds(0, z2.shape[-1])], jnp.sum(contrib, axis=0), mask=col_ok)
 
   def idle():
     # A skipped program still owns its slot of the per-tile dsink partial sums.
     if opt.sink is not None and not per_row_sink:
-      s_pad = opt.outs[2].shape[-1]
-      _compat.store(opt.outs[2].at[pl.ds(0, s_pad)], jnp.zeros((s_pad,), jnp.float32),
+      s_pad = dsink_ref.shape[-1]
+      _compat.store(dsink_ref.at[pl.ds(0, s_pad)], jnp.zeros((s_pad,), jnp.float32),
                     mask=jnp.arange(s_pad) < n_sink)
 
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run, idle)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: AttentionSpec,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int, nheads: int, asm: bool = False):
   # The sink gradient comes from the dQ pass; the dynamic mask's bias gradient from this one.
   opt = _split_refs(refs, spec, 3 if spec.bias_mask else 2, with_sink=False)
@@ -662,8 +666,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         # value) Triton could not see that the test is uniform over the tile and copied lse and
         # delta element by element, with a predicate each.
         row_mask = row_ok if masked else None
-        lse2 = _load(lse_ref.at[g, rows_at], row_mask, _INF) * LOG2E
-        delta = _load(delta_ref.at[g, rows_at], row_mask, 0.0)
+        lse2 = _load(lse2_ref.at[g, pl.ds(start, bq)], row_mask, _INF)
+        delta = _load(delta_ref.at[g, pl.ds(start, bq)], row_mask, 0.0)
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)  # [bk, bq]
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
@@ -694,8 +698,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: At
         q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
         do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
         row_mask = row_ok if masked else None  # see head()
-        lse2 = _load(lse_ref.at[g, rows_at], row_mask, _INF) * LOG2E
-        delta = _load(delta_ref.at[g, rows_at], row_mask, 0.0)
+        lse2 = _load(lse2_ref.at[g, pl.ds(start, bq)], row_mask, _INF)
+        delta = _load(delta_ref.at[g, pl.ds(start, bq)], row_mask, 0.0)
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
@@ -762,8 +766,14 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   if spec.alibi:
     in_specs.append(blocks.alibi())
     args.append(alibi)
-  out_specs = [blocks.heads(q), blocks.rows(lse)]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)]
+  # delta and lse (log2 domain) go to the dK/dV pass in the batched layout whatever the input's,
+  # (sequences, heads, rows), each sequence's rows from 0 and padded to whole tiles of both passes:
+  # its tiles then load them as aligned vectors. At varlen offsets (arbitrary rows of (H, total_q))
+  # Triton copies them one 4-byte element at a time.
+  n_rows = max(n_q * cfg.block_q, pl.cdiv(spec.sq, cfgs.bwd_dkv.block_q) * cfgs.bwd_dkv.block_q)
+  per_seq = jax.ShapeDtypeStruct((n_seq, h, n_rows), jnp.float32)
+  out_specs = [blocks.heads(q)] + [pl.BlockSpec((None, None, n_rows), lambda i, j, hh: (j, hh, 0))] * 2
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), per_seq, per_seq]
   if spec.sink:
     in_specs.append(blocks.sink(spec, sink))
     args.append(sink)
@@ -790,9 +800,9 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
-    dq_into = (into[0], jnp.empty(lse.shape, jnp.float32))
+    dq_into = (into[0], jnp.empty(per_seq.shape, jnp.float32))
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
-  dq, delta, *dsink = pl.pallas_call(
+  dq, delta, lse2, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
                         reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1],
                         asm=not interpret),
@@ -808,10 +818,10 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
 
   cfg = cfgs.bwd_dkv
   n_k = pl.cdiv(spec.sk, cfg.block_k)
+  per_seq_block = pl.BlockSpec((None, group, n_rows), lambda i, j, hh: (j, hh, 0))
   in_specs = [blocks.heads(q, width=group), blocks.heads(k), blocks.heads(v),
-              blocks.heads(dout, width=group), blocks.rows(lse, width=group),
-              blocks.rows(delta, width=group)] + seq_specs
-  args = [q, k, v, dout, lse, delta] + seq_args
+              blocks.heads(dout, width=group), per_seq_block, per_seq_block] + seq_specs
+  args = [q, k, v, dout, lse2, delta] + seq_args
   if spec.alibi:
     in_specs.append(blocks.alibi(width=group))
     args.append(alibi)
