@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.options import VARLEN_LENGTHS, mixed_varlen
-from pallas_attn import flash_attn_func
+from pallas_attn import flash_attn_func, flash_attn_varlen_func
 
 
 def main():
@@ -22,13 +22,21 @@ def main():
   ap.add_argument("--shape", default="4,4096,16,128", help="b,s,H,d")
   ap.add_argument("--varlen", action="store_true",
                   help="flash_attn_varlen_func over bench.options' mixed lengths (16384 tokens)")
+  ap.add_argument("--even", action="store_true",
+                  help="flash_attn_varlen_func over --shape's b sequences of s, packed (compare with "
+                       "the same --shape dense)")
   args = ap.parse_args()
   b, s, h, d = (int(x) for x in args.shape.split(","))
+  if args.even:
+    cu = jnp.arange(b + 1, dtype=jnp.int32) * s
+    even = lambda q, k, v, s=s: flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, s, s,
+                                                       causal=args.causal)[None]
+    b, s = 1, b * s
   if args.varlen:
     b, s = 1, sum(VARLEN_LENGTHS)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
-  attend = (mixed_varlen(args.causal) if args.varlen else
+  attend = (mixed_varlen(args.causal) if args.varlen else even if args.even else
             lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal))
 
   def fwd_bwd(q, k, v, do):

@@ -136,6 +136,33 @@ def varlen(smoke: bool):
     base = rows[i - i % len(cases)]
     print("%-8s %-7s %9.3f %9.3f %11.1f %11.1f %9.3f %9.3f" % (name, causal, f, fb, tf, tfb,
                                                               tf / base[4], tfb / base[5]))
+  if not smoke:
+    sdpa_dense(dense_b, h, dense_s, d)
+
+
+def sdpa_dense(b, h, s, d):
+  """The peer on the varlen table's dense batch: torch SDPA's flash backend (flash-attn 2), TFLOP/s."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    print(f"sdpa dense: skipped ({err})")
+    return
+  if not torch.cuda.is_available():
+    print("sdpa dense: skipped (no CUDA)")
+    return
+  from bench.timing import torch_median_ms  # pylint: disable=import-outside-toplevel
+  q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                 for _ in range(4))
+  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    for causal in (False, True):
+      f = lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)
+      fb = lambda f=f: torch.autograd.grad(f(), (q, k, v), do)
+      flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+      fwd_ms, fb_ms = torch_median_ms(f), torch_median_ms(fb)
+      print("%-8s %-7s %9.3f %9.3f %11.1f %11.1f   (torch SDPA flash, dense batch)"
+            % ("sdpa", causal, fwd_ms, fb_ms, flops / fwd_ms / 1e9, 3.5 * flops / fb_ms / 1e9))
 
 
 if __name__ == "__main__":

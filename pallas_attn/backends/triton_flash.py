@@ -274,6 +274,21 @@ def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int):
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
+def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok):
+  """(at, ok): where a query tile's results go after its loop, and which of its rows exist.
+
+  Varlen reads the sequence's offset and length from cu_seqlens again instead of reusing what the
+  tile's loads used. Derived from values loaded from memory (not program ids), those per-row
+  offsets and tests cannot be recomputed by ptxas, so it kept them through the loop; at 255
+  registers the forward then spilled some 26 times per key tile inside its loop. A second load is
+  not merged with the first, so no per-row value crosses the loop.
+  """
+  if not spec.varlen:
+    return at, ok
+  seq = _sequence(spec, seqlens, index)
+  return pl.ds(seq.q0 + start, size), start + jnp.arange(size) < seq.mask.sq
+
+
 def _when_active(active, run, idle=None):
   """Runs `run` only for programs whose tile lies inside their sequence (varlen grids are sized
   for the longest sequence); `idle` writes what an inactive program still owes (zeros)."""
@@ -462,18 +477,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     empty = l_i == 0.0
     out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
     lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-    rows_out, ok_out, mask_out = rows_at, row_ok, tile_mask
-    if spec.varlen:
-      # Where the rows go is read from cu_seqlens again rather than reused from the Q load. Derived
-      # from lengths loaded from memory (not program ids), the Q load's per-row offsets and row
-      # tests cannot be recomputed by ptxas, so it kept them through the key loop; at 255 registers
-      # that cost some 26 local loads/stores per key tile inside the loop. A second load is not
-      # merged with the first, so no per-row value crosses the loop.
-      out_seq = _sequence(spec, opt.seqlens, batch)
-      rows_out = pl.ds(out_seq.q0 + q_tile * bq, bq)
-      ok_out = rows < out_seq.mask.sq
-      mask_out = _and(ok_out[:, None], head_ok)
-    _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), mask_out)
+    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok)
+    _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), _and(ok_out[:, None], head_ok))
     _store(lse_ref.at[rows_out], lse, ok_out)
 
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
@@ -599,7 +604,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
-    _store(dq_ref.at[rows_at, :], (dq * drop.scale).astype(dq_ref.dtype), tile_mask)
+    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok)
+    _store(dq_ref.at[rows_out, :], (dq * drop.scale).astype(dq_ref.dtype),
+           _and(ok_out[:, None], head_ok))
     # The dK/dV pass's inputs, per sequence at tile-aligned offsets (see backward()); rows past the
     # sequence are never read unmasked, so the stores need no row test.
     _store(delta_ref.at[pl.ds(q_tile * bq, bq)], delta_d, None)  # shifted for dropout
@@ -732,6 +739,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
       dk, dv = head(jnp.int32(0), (zeros, zeros))
     else:
       dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    # (Re-reading the key offset here, as the other passes do for their rows, scheduled the main
+    # loop worse: bench/regs, 409 -> 420 instructions per tile.)
     _store(dk_ref.at[cols_at, :], (dk * drop_scale).astype(dk_ref.dtype), tile_mask)
     _store(dv_ref.at[cols_at, :], (dv * drop_scale).astype(dv_ref.dtype), tile_mask)
 
