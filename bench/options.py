@@ -54,25 +54,34 @@ def main():
   varlen(args.smoke)
 
 
-def sdpa_dropout(b, h, s, d):
-  """The peer's cost of dropout: torch SDPA's flash backend, causal, with and without p = 0.1."""
+def _sdpa_flash(what: str, b, h, s, d):
+  """(torch, SDPA, its flash-backend context, q, k, v, do) on the GPU, or None (says why)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
     import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
     from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
   except ImportError as err:
-    print(f"sdpa dropout: skipped ({err})")
-    return
+    print(f"{what}: skipped ({err})")
+    return None
   if not torch.cuda.is_available():
-    print("sdpa dropout: skipped (no CUDA)")
-    return
-  from bench.timing import torch_median_ms  # pylint: disable=import-outside-toplevel
+    print(f"{what}: skipped (no CUDA)")
+    return None
   q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                  for _ in range(4))
+  return torch, F.scaled_dot_product_attention, sdpa_kernel(SDPBackend.FLASH_ATTENTION), q, k, v, do
+
+
+def sdpa_dropout(b, h, s, d):
+  """The peer's cost of dropout: torch SDPA's flash backend, causal, with and without p = 0.1."""
+  peer = _sdpa_flash("sdpa dropout", b, h, s, d)
+  if peer is None:
+    return
+  torch, sdpa, flash, q, k, v, do = peer
+  from bench.timing import torch_median_ms  # pylint: disable=import-outside-toplevel
   rows = []
-  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+  with flash:
     for p in (0.0, 0.1):
-      f = lambda p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+      f = lambda p=p: sdpa(q, k, v, dropout_p=p, is_causal=True)
       fb = lambda f=f: torch.autograd.grad(f(), (q, k, v), do)
       rows.append((p, torch_median_ms(f), torch_median_ms(fb)))
   print("\ntorch SDPA flash backend, same shape, causal")
@@ -142,22 +151,14 @@ def varlen(smoke: bool):
 
 def sdpa_dense(b, h, s, d):
   """The peer on the varlen table's dense batch: torch SDPA's flash backend (flash-attn 2), TFLOP/s."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
-  except ImportError as err:
-    print(f"sdpa dense: skipped ({err})")
+  peer = _sdpa_flash("sdpa dense", b, h, s, d)
+  if peer is None:
     return
-  if not torch.cuda.is_available():
-    print("sdpa dense: skipped (no CUDA)")
-    return
+  torch, sdpa, flash, q, k, v, do = peer
   from bench.timing import torch_median_ms  # pylint: disable=import-outside-toplevel
-  q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                 for _ in range(4))
-  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+  with flash:
     for causal in (False, True):
-      f = lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)
+      f = lambda c=causal: sdpa(q, k, v, is_causal=c)
       fb = lambda f=f: torch.autograd.grad(f(), (q, k, v), do)
       flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
       fwd_ms, fb_ms = torch_median_ms(f), torch_median_ms(fb)
