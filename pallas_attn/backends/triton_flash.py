@@ -11,7 +11,8 @@ tiles by offset, so both layouts run the same code; the head dim is padded to a 
 - forward: one program per (query tile, sequence, head); online softmax in the exp2 domain over the
   key tiles the mask lets it see, boundary tiles with the element test, interior tiles without it.
 - dQ: one program per (query tile, sequence, head); also computes delta = rowsum(dO * O) - dlse for its
-  rows and writes it for the dK/dV pass (no separate preprocess launch), and dsink with sinks.
+  rows and writes it, with lse in the log2 domain, for the dK/dV pass (no separate preprocess
+  launch; per sequence, padded to whole tiles, in every layout), and dsink with sinks.
 - dK/dV: one program per (key tile, sequence, kv head); loops over the G query heads of its group and
   the query tiles that can see it, so GQA gradients are summed in registers without atomics.
 
