@@ -8,6 +8,7 @@ kernel op. Neither knows anything about attention.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is 
 OutputSpec = Sequence[tuple[Sequence[Any], torch.dtype]]  # (shape, dtype) per output, in order
 
 _ARG_NAMES: dict[Any, tuple[str, tuple[str, ...]]] = {}  # kernel op -> (name, argument names)
+_IMPLS: dict[Any, Callable[..., Any]] = {}  # kernel op -> its eager implementation (`impl` below)
 
 # Entering this, a call dispatches past the Autograd keys: what torch's own autograd kernel for a
 # custom op does (torch/_library/autograd.py, forward_no_grad) when grad mode is off or no input
@@ -32,6 +34,42 @@ _BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.null
 _any_requires_grad = getattr(  # that kernel's test
     torch._C, "_any_requires_grad",  # pylint: disable=protected-access
     lambda *args: any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+
+
+# Functorch transforms, Python dispatch and torch-function modes, and tensor subclasses all act on
+# the op through the dispatcher; without any of them, torch's dispatch of a custom op ends in the
+# op's own Python implementation after about 25-40 us of dispatcher, autograd-key and
+# dynamo-disable layers (H200, torch 2.11; bench/bridge_probe), which eager calls skip.
+_len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", None)  # pylint: disable=protected-access
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)  # pylint: disable=protected-access
+_functorch_on = getattr(torch._C, "_are_functorch_transforms_active", None)  # pylint: disable=protected-access
+_DIRECT_OK = None not in (_len_dispatch_stack, _function_mode_on, _functorch_on) and \
+    os.environ.get("TORCH_BRIDGE_EAGER_DIRECT", "1") not in ("", "0")
+
+
+def direct_ok(args) -> bool:
+  """Whether an eager call with `args` may run the op's implementation without the dispatcher:
+  what the dispatcher would do then is exactly that (no mode, transform or subclass to honour)."""
+  if not _DIRECT_OK or torch.compiler.is_compiling() or _len_dispatch_stack() \
+      or _function_mode_on() or _functorch_on():
+    return False
+  for a in args:
+    if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor  # pylint: disable=unidiomatic-typecheck
+                                        or not (a.is_cuda or a.is_cpu)):
+      return False
+  return True
+
+
+def eager(op) -> Callable[..., Any]:
+  """`op` as a function: its implementation directly where `direct_ok`, else the op itself."""
+  impl = _IMPLS[op]
+  overload = getattr(getattr(torch.ops, NAMESPACE), _ARG_NAMES[op][0]).default
+
+  def call(*args):
+    if direct_ok(args):
+      return impl(*args)
+    return overload(*args)
+  return call
 
 
 def _arguments(qualname: str, schema: str):
@@ -109,6 +147,7 @@ def kernel_op(name: str, schema: str, *, kernel: _dlpack.Kernel,
   op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema, tags=TAGS)
   op.register_fake(fake)
   _ARG_NAMES[op] = (name, names)
+  _IMPLS[op] = impl
   return op
 
 
@@ -136,6 +175,7 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
   # The ops' overloads: calling them skips CustomOpDef.__call__ (a Python frame; same dispatch).
   fwd_op = getattr(getattr(torch.ops, NAMESPACE), name).default
   bwd_op = getattr(getattr(torch.ops, NAMESPACE), _ARG_NAMES[bwd][0]).default
+  fwd_impl, bwd_impl = _IMPLS[fwd], _IMPLS[bwd]
 
   def setup_context(ctx, inputs, output):
     outs = output if isinstance(output, tuple) else (output,)
@@ -151,8 +191,15 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
     args = list(ctx.others)
     for j, i in enumerate(ctx.tensor_slots):
       args[i] = saved[j]
+    views = getattr(ctx, "views", None)
     if torch.is_grad_enabled():  # create_graph: torch's autograd kernel sees the call (and refuses
       got = bwd_op(*grads, *args, *saved[n:])  # a double backward, which bwd has no formula for)
+    elif views is not None and direct_ok(grads):
+      # The forward's JAX views of the saved tensors serve again (same memory, and autograd has
+      # checked that nothing modified it since): only the incoming gradients and the new outputs
+      # are imported.
+      with _dlpack.reusing(dict(views)):  # a copy: the gradients' views are not kept on ctx
+        got = bwd_impl(*grads, *args, *saved[n:])
     else:
       with _BelowAutograd():
         got = bwd_op(*grads, *args, *saved[n:])
@@ -169,8 +216,14 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
 
     @staticmethod
     def forward(ctx, *args):
-      with _BelowAutograd():  # grad mode is off in here: fwd's own autograd layer would pass through
-        outs = fwd_op(*args)
+      if direct_ok(args):
+        views = {}
+        with _dlpack.reusing(views):
+          outs = fwd_impl(*args)
+        ctx.views = views
+      else:
+        with _BelowAutograd():  # grad mode is off in here: fwd's autograd layer would pass through
+          outs = fwd_op(*args)
       setup_context(ctx, args, outs)
       return outs
 
@@ -189,6 +242,8 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
       if any(args[i] is not None and args[i].requires_grad for i in slots):
         return Function.apply(*args)
       return fwd(*args)  # only arguments outside `wrt` require grad: torch's layer records it
+    if direct_ok(args):  # nothing to record and nothing else to honour: the implementation itself
+      return fwd_impl(*args)
     with _BelowAutograd():  # nothing to record: what fwd's autograd layer would do, minus its layers
       return fwd_op(*args)
 
