@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pallas_attn import flash, flash_attn as jax_flash_attn
-from torch_bridge import _dlpack, _ops, compat
+from torch_bridge import _buckets, _dlpack, _ops, compat
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, "
              "bool causal, int window_left, int window_right, float softcap, Tensor? seed")
@@ -205,9 +205,54 @@ def op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, ali
           bool(causal), left, right, float(softcap), dropout_seed(dropout_p, q.device))
 
 
+BUCKETS = _buckets.Buckets()
+
+
+def _length_config(q, k, v, alibi_slopes, rest):
+  """Everything of a call's static configuration but its sequence lengths."""
+  b, _, h, d = q.shape
+  return (b, h, d, tuple(k.shape[2:]), v.shape[-1], q.dtype, k.dtype, q.device, q.requires_grad,
+          None if alibi_slopes is None else (tuple(alibi_slopes.shape), alibi_slopes.dtype), rest)
+
+
+def bucketed(q, k, v, alibi_slopes, softmax_scale, causal, left, right, softcap, varlen_op):
+  """(out, lse) of a call without dropout run padded to its bucket lengths: the batch flattened to
+  equal-length sequences (a view), padded at the end to the bucket of its token count, through the
+  varlen op `varlen_op`, whose kernels read the real lengths from cu_seqlens; out comes back as a
+  view of the padded rows, lse as a (batch, nheads, seqlen_q) view of varlen's (nheads, total_q).
+  Autograd runs through the padding and the views (torch's own ops)."""
+  b, sq, h, d = q.shape
+  sk = k.shape[1]
+  n_q, n_k = b * sq, b * sk
+  pad = lambda x, n, rows: torch.nn.functional.pad(x.reshape(n, *x.shape[2:]),
+                                                   (0, 0, 0, 0, 0, _buckets.bucket(n) - n))
+  cu_q = torch.arange(0, n_q + 1, sq, dtype=torch.int32, device=q.device)
+  cu_k = torch.arange(0, n_k + 1, sk, dtype=torch.int32, device=q.device)
+  out, lse = varlen_op(pad(q, n_q, sq), pad(k, n_k, sk), pad(v, n_k, sk), cu_q, cu_k, sq, sk,
+                       alibi_slopes, 0.0, softmax_scale, causal, left, right, softcap, None)
+  return out[:n_q].view(b, sq, h, -1), lse[:, :n_q].view(h, b, sq).transpose(0, 1)
+
+
+def _pads(args, extra=()) -> bool:
+  """Whether a call with the forward op's `args` runs padded to its buckets (`extra`: further
+  static arguments that key the configuration, e.g. whether sinks come along)."""
+  q, k = args[0], args[1]
+  if args[-1] is not None or torch.compiler.is_compiling() or 0 in (q.shape[1], k.shape[1]) \
+      or q.dim() != 4 or k.dim() != 4:
+    return False  # dropout (its keep mask hashes batch rows), compiled graphs, empty calls: exact
+  return BUCKETS.padded(_length_config(q, k, args[2], args[3], (args[4:10], extra)),
+                        (q.shape[1], k.shape[1]))
+
+
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                return_attn_probs):
   args = op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+  if _pads(args):
+    from torch_bridge import flash_attn_varlen  # pylint: disable=g-import-not-at-top  (imports this)
+    out, lse = bucketed(*args[:4], *args[5:10], varlen_op=flash_attn_varlen._varlen_op)  # pylint: disable=protected-access
+    if return_attn_probs:
+      return out, lse.contiguous(), torch.empty(0, dtype=q.dtype, device=q.device)
+    return out
   out, lse = _attention_op(*args)
   if return_attn_probs:
     return out, lse, attn_probs(_s_dmask_op, lse, args)

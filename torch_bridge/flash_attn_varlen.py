@@ -21,7 +21,7 @@ import torch
 
 from pallas_attn import checks, flash
 from pallas_attn.flash_attn_varlen import _check_block_table, prepare_varlen, s_dmask_varlen
-from torch_bridge import _dlpack, _ops, compat
+from torch_bridge import _buckets, _dlpack, _ops, compat
 from torch_bridge.flash_attn import _require_tensor, _window, attn_probs, check_seed, dropout_seed
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
@@ -352,6 +352,32 @@ def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
           float(softcap), dropout_seed(dropout_p, q.device))
 
 
+BUCKETS = _buckets.Buckets()
+
+
+def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+  """x (total, ...) with rows appended (zeros) up to n: rows past cu_seqlens[-1] belong to no
+  sequence, so the kernels never read them, and their outputs are sliced off."""
+  return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n - x.shape[0]))
+
+
+def padded_args(args, extra=()):
+  """The varlen op's arguments with q, k, v padded to their token counts' buckets (see
+  torch_bridge/_buckets.py), or None where the call keeps its exact shapes. `extra`: further
+  static arguments that key the configuration (the sink layout)."""
+  q, k, v = args[:3]
+  if torch.compiler.is_compiling() or q.dim() != 3 or k.dim() != 3 or 0 in (q.shape[0], k.shape[0]):
+    return None
+  config = (tuple(q.shape[1:]), tuple(k.shape[1:]), v.shape[-1], q.dtype, k.dtype, q.device,
+            q.requires_grad, tuple(args[3].shape), args[5], args[6],
+            None if args[7] is None else (tuple(args[7].shape), args[7].dtype), args[8:14],
+            args[14] is None, extra)
+  if not BUCKETS.padded(config, (q.shape[0], k.shape[0])):
+    return None
+  n_q, n_k = _buckets.bucket(q.shape[0]), _buckets.bucket(k.shape[0])
+  return (pad_tokens(q, n_q), pad_tokens(k, n_k), pad_tokens(v, n_k), *args[3:])
+
+
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table,
             names=_NAMES):
@@ -364,6 +390,13 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     return out
   args = op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, block_table, names)
+  padded = padded_args(args)
+  if padded is not None:
+    out, lse = _varlen_op(*padded)
+    total = args[0].shape[0]
+    if return_attn_probs:
+      return out[:total], lse[:, :total].contiguous(), attn_probs(_s_dmask_op, lse, padded)
+    return out[:total]
   out, lse = _varlen_op(*args)
   if return_attn_probs:
     return out, lse, attn_probs(_s_dmask_op, lse, args)

@@ -166,10 +166,18 @@ def _dense(q, k, v, sink, sink_layout, dropout_p, softmax_scale, causal, window_
   """(out, lse, S_dmask thunk) of dense attention with sinks; plain attention when sink is None."""
   args = bridge_fa.op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes)
+  if sink is not None:
+    _check_sink(sink, sink_layout)
+  if (sink is None or sink_layout == "sh") and bridge_fa._pads(args, (sink is None, sink_layout)):  # pylint: disable=protected-access
+    # Padded to bucket lengths through the varlen kernels (torch_bridge/_buckets.py); "ssh" sinks
+    # are per query row, so they keep exact shapes.
+    op = (bridge_varlen._varlen_op if sink is None  # pylint: disable=protected-access
+          else lambda *a: _varlen_sink_op(*a, sink, sink_layout))
+    out, lse = bridge_fa.bucketed(*args[:4], *args[5:10], varlen_op=op)
+    return out, lse.contiguous(), lambda: torch.empty(0, dtype=q.dtype, device=q.device)
   if sink is None:
     out, lse = bridge_fa._attention_op(*args)
   else:
-    _check_sink(sink, sink_layout)
     out, lse = _dense_sink_op(*args, sink, sink_layout)
   # S_dmask needs only the kernels' lse, which already counts the sinks.
   return out, lse, lambda: bridge_fa.attn_probs(bridge_fa._s_dmask_op, lse, args)
@@ -186,10 +194,19 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sin
   args = bridge_varlen.op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                block_table, names)
+  if sink is not None:
+    _check_sink(sink, sink_layout)
+  padded = (bridge_varlen.padded_args(args, (sink is None, sink_layout))
+            if sink is None or sink_layout == "sh" else None)  # "ssh" sinks have a row per token
+  if padded is not None:
+    out, lse = (bridge_varlen._varlen_op(*padded) if sink is None
+                else _varlen_sink_op(*padded, sink, sink_layout))
+    total = args[0].shape[0]
+    return (out[:total], lse[:, :total].contiguous(),
+            lambda: bridge_fa.attn_probs(bridge_varlen._s_dmask_op, lse, padded))
   if sink is None:
     out, lse = bridge_varlen._varlen_op(*args)
   else:
-    _check_sink(sink, sink_layout)
     out, lse = _varlen_sink_op(*args, sink, sink_layout)
   return out, lse, lambda: bridge_fa.attn_probs(bridge_varlen._s_dmask_op, lse, args)
 
