@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_attn import checks, dropout
+from pallas_attn import buckets, checks, dropout
 from pallas_attn.flash import attention
 from pallas_attn.reference import attention_logits
 from pallas_attn.spec import AttentionSpec, band_from_window
@@ -72,9 +72,12 @@ def _window_of(mask):
 
 
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-           return_attn_probs, dropout_key, tiles=None):
+           return_attn_probs, dropout_key, tiles=None, bucket_lengths=False):
   spec, alibi = prepare(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
   seed = dropout_seed(dropout_p, dropout_key)
+  if bucket_lengths and seed is None and 0 not in (q.shape[1], k.shape[1]):
+    out, lse = _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles)
+    return (out, lse, jnp.zeros((0,), q.dtype)) if return_attn_probs else out
   out, lse = attention(q, k, v, alibi, spec, tiles, None, None, seed)
   if return_attn_probs:
     if seed is None:
@@ -83,9 +86,20 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
   return out
 
 
+def _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles):
+  """(out, lse) computed at bucket lengths through the varlen kernels (pallas_attn/buckets.py)."""
+  from pallas_attn.flash_attn_varlen import prepare_varlen  # pylint: disable=g-import-not-at-top
+  b, sq = q.shape[:2]
+  qp, kp, vp, cu_q, cu_k = buckets.dense_as_varlen(q, k, v)
+  spec, alibi, seqlens = prepare_varlen(qp, kp, vp, cu_q, cu_k, sq, k.shape[1], 0.0, softmax_scale,
+                                        causal, window_size, softcap, alibi_slopes)
+  out, lse = attention(qp, kp, vp, alibi, spec, tiles, None, seqlens, None)
+  return buckets.dense_from_varlen(out, lse, b, sq)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                    dropout_key=None, tiles=None):
+                    dropout_key=None, tiles=None, bucket_lengths=False):
   """Scaled dot-product attention softmax(q k^T * scale) v without materializing the scores.
 
   Arguments:
@@ -105,12 +119,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
       dropout, else (batch, nheads, seqlen_q, seqlen_k) P with dropped entries negated.
     dropout_key: PRNG key for dropout (keyword-only, JAX face only).
     tiles: KernelConfigs overriding the tuned tile table (keyword-only, for experiments).
+    bucket_lengths: (keyword-only, JAX face only) compute at bucket lengths (pallas_attn/buckets.py:
+      padded operands, real lengths read at run time by the varlen kernels), so calls at many
+      sequence lengths share O(log) compiled kernels; same results. Ignored with dropout.
   Returns:
     out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
   """
   del deterministic
   return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                return_attn_probs, dropout_key, tiles)
+                return_attn_probs, dropout_key, tiles, bucket_lengths)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -656,6 +656,7 @@ def test_stream_fence_records_then_waits_with_one_event_per_thread(monkeypatch):
   monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(current["ptr"]))
   monkeypatch.setattr(_dlpack, "_JAX_STREAMS", {})
   monkeypatch.setattr(_dlpack, "_THREAD", threading.local())
+  monkeypatch.setattr(_dlpack, "_CUDART", [None])  # torch's stream and event objects, not ctypes
   cuda0 = torch.device("cuda", 0)
 
   _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
@@ -672,3 +673,72 @@ def test_stream_fence_records_then_waits_with_one_event_per_thread(monkeypatch):
   current["ptr"] = 99  # JAX's own stream is current: nothing to order
   _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
   assert len(log) == 6
+
+
+def test_stream_fence_through_the_cuda_runtime_records_then_waits(monkeypatch):
+  # The same bookkeeping on the ctypes path (cudaEventRecord / cudaStreamWaitEvent), with the
+  # runtime replaced by a recorder.
+  import threading  # pylint: disable=import-outside-toplevel
+  log = []
+
+  class Runtime:
+    made = 0
+
+    def event(self):
+      Runtime.made += 1
+      return 1000 + Runtime.made
+
+    def order(self, event, before, after):
+      log.append((event, before, after))
+
+  current = {"ptr": 7}
+  monkeypatch.setattr(_dlpack, "_CUDART", [Runtime()])
+  monkeypatch.setattr(_dlpack, "_raw_stream", lambda index: current["ptr"])
+  monkeypatch.setattr(_dlpack, "_THREAD", threading.local())
+  cuda0 = torch.device("cuda", 0)
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  assert log == [(1001, 7, 99)] * 2, "torch's stream recorded, JAX's waits; one event per thread"
+  other = threading.Thread(target=_dlpack._jax_stream_waits_for_torch, args=(cuda0, 99))  # pylint: disable=protected-access
+  other.start()
+  other.join()
+  assert log[2] == (1002, 7, 99), "another thread records its own event"
+  current["ptr"] = 99
+  _dlpack._jax_stream_waits_for_torch(cuda0, 99)  # pylint: disable=protected-access
+  assert len(log) == 3, "JAX's own stream is current: nothing to order"
+
+
+def test_backward_reuses_the_forwards_views_of_saved_tensors(monkeypatch):
+  # The backward reads q, k, v (and, on the aliased path, out and lse) through the JAX views the
+  # forward imported; it imports only what is new. Counted on the import itself.
+  q, k, v, do = _inputs(1, 9, 11, 2, 2, 16, torch.float32)
+  calls = []
+  real = _dlpack._import  # pylint: disable=protected-access
+  monkeypatch.setattr(_dlpack, "_import", lambda t, *a, **kw: calls.append(t.shape) or real(t, *a, **kw))
+  out = torch_bridge.flash_attn_func(q, k, v, causal=True)
+  forward_imports = len(calls)
+  grads = torch.autograd.grad(out, (q, k, v), do)
+  backward_shapes = calls[forward_imports:]
+  assert (1, 9, 2, 16) in backward_shapes, "dout is new: imported"
+  assert backward_shapes.count((1, 11, 2, 16)) == 0, "k and v: the forward's views serve"
+  ref = _grads(lambda q, k, v: attention_ref(q, k, v, causal=True), q, k, v, do)
+  for name, g, r in zip(("dq", "dk", "dv"), grads, ref[2:]):
+    torch.testing.assert_close(g, r.float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_dispatch_modes_still_see_the_ops():
+  # Eager calls skip torch's dispatcher only where it would do nothing: an active dispatch mode
+  # (what FakeTensor, profilers and tracers use) still sees every bridged op.
+  from torch.utils._python_dispatch import TorchDispatchMode  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  class Log(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+      seen.append(str(func))
+      return func(*args, **(kwargs or {}))
+
+  q, k, v, do = _inputs(1, 8, 8, 2, 2, 16, torch.float32)
+  with Log():
+    out = torch_bridge.flash_attn_func(q, k, v)
+    torch.autograd.grad(out, (q, k, v), do)
+  assert any("flash_attn_fwd" in s for s in seen) and any("flash_attn_bwd" in s for s in seen), seen

@@ -12,8 +12,8 @@ never pads; from then on, a length it has not run at exactly goes to its bucket.
   "auto" (default): that rule; "always": every call pads to its bucket; "never": exact lengths only.
 Set with `set_mode` or the environment variable TORCH_BRIDGE_LENGTH_BUCKETS.
 
-Buckets: 16 and below -> 16; above, four per octave (n in (2^k, 2^(k+1)] rounds up to a multiple
-of 2^(k-2)), so padding adds at most a quarter of the length.
+The bucket lengths are pallas_attn.buckets.bucket's (four per octave), shared with the JAX face's
+`bucket_lengths=True`.
 """
 from __future__ import annotations
 
@@ -21,16 +21,9 @@ import os
 import threading
 from typing import Hashable
 
+from pallas_attn.buckets import bucket  # noqa: F401  (the lengths themselves)
+
 MODES = ("auto", "always", "never")
-
-
-def bucket(n: int) -> int:
-  """The bucket length for n: at least n, at most 1.25 n above 16."""
-  n = int(n)
-  if n <= 16:
-    return 16
-  step = 1 << max((n - 1).bit_length() - 3, 0)
-  return -(-n // step) * step
 
 
 class Buckets:

@@ -320,9 +320,9 @@ def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax
   if target.platform == "gpu" and target.stream is None:
     # No JAX stream to hand torch: order by waiting on the host instead.
     torch.cuda.current_stream().synchronize()
-  elif target.platform == "gpu" and views is not None:
-    # Views taken from `views` import nothing, so the call fences on its own, once.
-    _jax_stream_waits_for_torch(tensors[0].device, target.stream)
+  elif views is not None:
+    if target.platform == "gpu":  # views taken from `views` import nothing: fence once, alone
+      _jax_stream_waits_for_torch(next(t for t in tensors if t is not None).device, target.stream)
     return [None if t is None else _reused(views, t, target) for t in tensors]
   out, fence = [], True
   for t in tensors:
@@ -331,10 +331,6 @@ def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax
     else:
       out.append(_import(t, target, fence))
       fence = False
-  if views is not None:  # CPU: nothing to fence
-    for t, x in zip(tensors, out):
-      if t is not None:
-        views[_view_key(t)] = x
   return out
 
 
