@@ -4,7 +4,7 @@
    host issues the next, so back-to-back wall time per call is host time: the bridge
    (torch_bridge.flash_attn_func, forward and forward+backward through torch autograd) against the
    jitted JAX functions it wraps (pallas_attn.flash.forward / backward) on the same data.
-   Target: <= 60 us added per call.
+   Targets (issue 15): <= 80 us added to a forward, <= 250 us to a forward+backward.
 2. Throughput at (b, s, H, d) = (4, 4096, 16, 128) bf16: bridged against pure JAX
    (jax.jit of pallas_attn.flash_attn_func, and of its VJP). Target: >= 0.97x.
 
@@ -350,9 +350,9 @@ def main(argv=None):
   for name, us in h["us_per_call"].items():
     print(f"  {name:<16} {us:10.1f} {h['thread_cpu_us_per_call'][name]:11.1f}")
   print(f"  added fwd        {h['added_us_fwd']:10.1f} {h['added_thread_cpu_us_fwd']:11.1f}   "
-        "(target <= 60)")
+        "(target <= 80)")
   print(f"  added fwd+bwd    {h['added_us_fwd_bwd']:10.1f} {h['added_thread_cpu_us_fwd_bwd']:11.1f}   "
-        "(two bridged calls: target <= 120)")
+        "(target <= 250)")
   print("  of which (measured alone):")
   for name, us in report["host_components_us"].items():
     print(f"    {name:<34} {us:8.1f}")

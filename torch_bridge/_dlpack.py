@@ -274,7 +274,8 @@ def _jax_stream_waits_for_torch(device: torch.device, jax_stream: int) -> None:
 
 def ready(t: torch.Tensor) -> torch.Tensor:
   """The tensor as JAX can take it without a copy: detached, contiguous, 32-byte aligned."""
-  t = t.detach()
+  if t.requires_grad:  # (a detach that is not needed costs a tensor object per operand)
+    t = t.detach()
   if not t.is_contiguous():
     t = t.contiguous()
   if t.data_ptr() % ALIGN:
