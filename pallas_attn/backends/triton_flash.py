@@ -262,16 +262,22 @@ def _sequence(spec: AttentionSpec, seqlens, index) -> _Seq:
     return _Seq(0, 0, spec.mask)
   cu_q, cu_k = seqlens[:2]
   q0, k0 = cu_q[index], cu_k[index]
-  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=cu_k[index + 1] - k0)
+  sk = cu_k[index + 1] - k0
+  if spec.page:
+    # Paged keys: a length past what the block table holds (traced, so unchecked) is clamped to
+    # the table's capacity, so no tile looks up a page beyond the sequence's row of the table.
+    sk = jnp.clip(sk, 0, seqlens[2].shape[1] * spec.page)
+  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=sk)
   return _Seq(q0, k0, mask)
 
 
-def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int):
+def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int, n_pages: int = 0):
   """Where keys [start, start + bk) of sequence `index` live in k/v: rows of the packed layout, or
-  rows of the one page that holds them (the tile never straddles a page)."""
+  rows of the one page that holds them (the tile never straddles a page); n_pages: k's num_blocks,
+  which bounds a page index read from the (unchecked when traced) block table."""
   if not spec.page:
     return pl.ds(seq.k0 + start, bk), slice(None)
-  page = seqlens[2][index, lax.div(start, spec.page)]
+  page = jnp.clip(seqlens[2][index, lax.div(start, spec.page)], 0, n_pages - 1)
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
@@ -446,7 +452,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       start = kv_tile * bk
       cols = start + jnp.arange(bk)
       kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk)
+      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk, k_ref.shape[0])
       k = _load(k_ref.at[kv_at], kv_mask, 0.0)
       s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
       keep = None
