@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_attn import _compat, dropout, masking
+from pallas_attn import _compat, dropout, masking, tiles
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
@@ -411,6 +411,15 @@ class _Blocks:
                         lambda i, j, hh: (j, kv_head_of(hh), 0, 0))
 
 
+def _fit_device(cfgs: KernelConfigs, dp: int, q, bias, keep, interpret: bool) -> KernelConfigs:
+  """cfgs shrunk to the GPU's shared memory per block (read from the device); interpret mode has
+  no such limit and runs the tiles as given."""
+  if interpret:
+    return cfgs
+  pair = 0 if bias is None else bias.dtype.itemsize + keep.dtype.itemsize
+  return tiles.fit_configs(cfgs, dp, q.dtype.itemsize, pair, tiles.shared_memory_limit())
+
+
 def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
   """The grid's sequence axis: the batch, or the number of packed sequences."""
   if spec.varlen:
@@ -504,7 +513,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
-  cfg = cfgs.fwd
+  cfg = _fit_device(cfgs, dp, q, bias, keep, interpret).fwd
   if spec.page:
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, spec.page & -spec.page))
   n_q = pl.cdiv(spec.sq, cfg.block_q)
@@ -767,6 +776,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
+  cfgs = _fit_device(cfgs, dp, q, bias, keep, interpret)
   reverse = _causal_like(spec.mask)
   n_seq = _n_sequences(spec, q, seqlens)
   seq_specs = [_whole(s) for s in seqlens] if spec.varlen else []
