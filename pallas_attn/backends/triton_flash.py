@@ -35,9 +35,18 @@ from pallas_attn.tiles import KernelConfigs, TileConfig
 _INF = float("inf")
 
 
+# fp32 operands: six bf16 tensor-core products of the operands' bf16 splits (hi + two error terms),
+# accurate to fp32 rounding (the terms left out are ~2^-24 relative). Triton would otherwise use tf32;
+# Precision.HIGHEST lowers to its "ieee" dot, an unrolled FMA loop without tensor cores: at d=64 the
+# forward's PTX was 7.4x the bf16 kernel's (11576 lines), spilled 19.7 KB, and forward + backward
+# took 14.7 s of Triton + ptxas against 1.8 s for bf16 (bench/regs.py, sm_90a, Triton 3.6, on a
+# 2-core CPU); with this preset 4.2 s and at most 428 bytes of spills. The CPU (interpret mode)
+# computes the same dot in plain fp32.
+_FP32_DOT = lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  # fp32 operands get true fp32 products (Triton would otherwise use tf32).
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  precision = _FP32_DOT if a.dtype == jnp.float32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
