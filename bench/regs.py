@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 _COMPILE = r'''
-import glob, os, re, subprocess, sys
+import glob, os, re, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
@@ -51,12 +51,16 @@ for spec in [a for a in sys.argv[2:] if a != "--sass"]:
   path = path + ".combined.ttir"
   with open(path, "w") as f:
     f.write(str(mod))
+  t0 = time.perf_counter()
   k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=int(warps), num_stages=int(stages)))
+  t1 = time.perf_counter()  # Triton's passes and its own ptxas run to a cubin
   with open(path + ".ptx", "w") as f:
     f.write(k.asm["ptx"])
   out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path + ".ptx", "-o", path + ".cubin"],
                        capture_output=True, text=True).stderr
+  t2 = time.perf_counter()
+  ptx_lines = k.asm["ptx"].count("\n")
   # C7519: ptxas had to insert a warpgroup.arrive so that a wgmma could use registers: its
   # asynchronous matrix products are serialized there.
   # C7515: serialized because other instructions sit inside a wgmma pipeline stage.
@@ -78,7 +82,8 @@ for spec in [a for a in sys.argv[2:] if a != "--sass"]:
             f" fp {count('FMUL', 'FADD', 'FFMA', 'FMNMX', 'FSEL', 'FSETP')} mufu {count('MUFU')}"
             f" local {count('LDL', 'STL')} shared {count('LDS', 'STS', 'LDSM', 'STSM')} bar {count('BAR')}")
   print(path, warps, stages,
-        f"{info} | shared {k.metadata.shared // 1024} KiB | wgmma waits inserted: {waits}{sass}",
+        f"{info} | shared {k.metadata.shared // 1024} KiB | wgmma waits inserted: {waits}"
+        f" | compile {t1 - t0:.1f} s, ptxas -v {t2 - t1:.1f} s, PTX {ptx_lines} lines{sass}",
         flush=True)
 '''
 
@@ -117,7 +122,7 @@ def dump(args, out_dir: str) -> list[tuple[str, str]]:
     x = jnp.zeros((1, sum(VARLEN_LENGTHS), h, d), jnp.bfloat16)
     attend = mixed_varlen(args.causal, tiles)
   else:
-    x = jnp.zeros((4, 4096, h, d), jnp.bfloat16)
+    x = jnp.zeros((4, 4096, h, d), args.dtype)
     attend = lambda q, k, v: pa.flash_attn_func(q, k, v, dropout_p=args.dropout, causal=args.causal,
                                                 tiles=tiles, dropout_key=jax.random.PRNGKey(0))
 
@@ -139,7 +144,7 @@ def main(argv=None):
   ap.add_argument("--d", type=int, default=128)
   ap.add_argument("--landmark", action="store_true", help="landmark attention, (2, 16, 8192, d)")
   ap.add_argument("--block-size", type=int, default=64, help="landmark block size")
-  ap.add_argument("--dtype", default="bfloat16", help="landmark input dtype")
+  ap.add_argument("--dtype", default="bfloat16", help="input dtype (dense and landmark runs)")
   ap.add_argument("--dropout", type=float, default=0.0, help="dropout_p (dense runs only)")
   ap.add_argument("--sass", action="store_true", help="also count SASS instructions by kind (static)")
   ap.add_argument("--tiles", default=None, help="fwd,dq,dkv tiles as bench.run's --ours-tiles")
@@ -152,7 +157,8 @@ def main(argv=None):
   from pallas_attn import tiles as tiles_mod  # pylint: disable=import-outside-toplevel
   from bench.providers import parse_tiles  # pylint: disable=import-outside-toplevel
   dp = max(16, 1 << (args.d - 1).bit_length())
-  cfgs = parse_tiles(args.tiles)[1] if args.tiles else tiles_mod.resolve(dp, 4096, 4096)
+  cfgs = (parse_tiles(args.tiles)[1] if args.tiles
+          else tiles_mod.resolve(dp, 4096, 4096, itemsize=jnp.dtype(args.dtype).itemsize))
   if args.landmark:
     from pallas_attn.backends import triton_landmark  # pylint: disable=import-outside-toplevel
     cfgs = triton_landmark.configs(triton_landmark.LandmarkSpec(sq=8192, sk=8192, block_size=args.block_size,

@@ -8,6 +8,14 @@ FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_HEAD_DIM = 256
 
 
+class CapacityError(RuntimeError, ValueError):
+  """Lengths past what a block table holds (paged KV cache and paged varlen).
+
+  A RuntimeError, which is what flash-attn raises there, and also a ValueError, what this package
+  raises for every other bad value (as numpy's AxisError is both a ValueError and an IndexError).
+  """
+
+
 def _dtype_name(x) -> str:
   return str(np.dtype(x.dtype)) if hasattr(x, "dtype") else type(x).__name__
 

@@ -79,7 +79,7 @@ def _check_block_table(block_table, batch: int, num_blocks: int, page: int, cu_s
     return
   lengths = np.diff(cu)
   if np.any(lengths > max_blocks * page):
-    raise ValueError(f"block_table: {max_blocks} pages of {page} keys hold at most "
+    raise checks.CapacityError(f"block_table: {max_blocks} pages of {page} keys hold at most "
                      f"{max_blocks * page} keys per sequence, but cu_seqlens_k gives lengths "
                      f"{lengths.tolist()}")
   if table is not None:

@@ -48,7 +48,10 @@ def _int32_vector(name: str, x, batch: int):
 
 
 def _concrete(x):
-  """x's values as numpy when they are known now (not traced), else None."""
+  """x's values as numpy when they are known now (an int, or an array that is not traced), else
+  None."""
+  if isinstance(x, (int, np.integer)):
+    return np.asarray(x)
   if not isinstance(x, (jax.Array, np.ndarray)):  # None, or a shape-only stand-in
     return None
   try:
@@ -57,29 +60,49 @@ def _concrete(x):
     return None
 
 
-def _check_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, k_cache, rotary_cos,
-                  plan):
-  seqlens, leftpad = _concrete(cache_seqlens), _concrete(cache_leftpad)
-  if seqlens is not None and rotary_cos is not None:
-    need = int(np.max(seqlens)) + max(plan.s_new, plan.sq)
-    if rotary_cos.shape[0] < need:
-      raise ValueError(f"rotary_cos: expected at least {need} rows (cache_seqlens + the new tokens), "
-                       f"got {rotary_cos.shape[0]}")
+def check_values(plan: CachePlan, num_cache_rows: int, seqlens=None, leftpad=None, batch_idx=None,
+                 block_table=None, rotary_rows: int | None = None):
+  """The checks that need values: each argument as numpy (None where unknown without a device sync;
+  the kernel clamps those, so they cannot address memory outside the caches, see triton_decode).
+
+  num_cache_rows: k_cache.shape[0] (cache rows, or pages with a block table); rotary_rows:
+  rotary_cos.shape[0] when rotary is on.
+  """
   if seqlens is not None:
-    if np.any(seqlens < 0) or np.any(seqlens + plan.s_new > plan.capacity):
-      raise ValueError(f"cache_seqlens: expected values in [0, {plan.capacity - plan.s_new}] (the cache "
-                       f"holds {plan.capacity} positions, {plan.s_new} are appended), got "
-                       f"{seqlens.tolist()}")
+    seqlens = np.broadcast_to(np.asarray(seqlens), (plan.batch,))
+    if rotary_rows is not None:
+      need = int(np.max(seqlens)) + max(plan.s_new, plan.sq)
+      if rotary_rows < need:
+        raise ValueError(f"rotary_cos: expected at least {need} rows (cache_seqlens + the new "
+                         f"tokens), got {rotary_rows}")
+    if np.any(seqlens < 0):
+      raise ValueError(f"cache_seqlens: expected values >= 0, got {seqlens.tolist()}")
+    if plan.paged and np.any(seqlens > plan.capacity):
+      pages = plan.decode.max_pages
+      raise checks.CapacityError(
+          f"cache_seqlens: expected at most {plan.capacity} (block_table holds {pages} pages of "
+          f"{plan.decode.page_size} positions per sequence), got {seqlens.tolist()}")
+    if np.any(seqlens + plan.s_new > plan.capacity):
+      raise ValueError(
+          f"cache_seqlens: appending {plan.s_new} new tokens at cache_seqlens {seqlens.tolist()} "
+          f"runs past the end of the cache ({plan.capacity} positions per sequence); expected "
+          f"cache_seqlens <= {plan.capacity - plan.s_new}")
     if leftpad is not None and np.any((leftpad < 0) | (leftpad > seqlens)):
       raise ValueError(f"cache_leftpad: expected values in [0, cache_seqlens], got {leftpad.tolist()} "
                        f"with cache_seqlens {seqlens.tolist()}")
-  idx = _concrete(cache_batch_idx)
-  if idx is not None and np.any((idx < 0) | (idx >= k_cache.shape[0])):
-    raise ValueError(f"cache_batch_idx: expected values in [0, {k_cache.shape[0]}), got {idx.tolist()}")
-  table = _concrete(block_table)
-  if table is not None and np.any((table < 0) | (table >= k_cache.shape[0])):
-    raise ValueError(f"block_table: expected page indices in [0, {k_cache.shape[0]}) (k_cache's "
+  if batch_idx is not None and np.any((batch_idx < 0) | (batch_idx >= num_cache_rows)):
+    raise ValueError(f"cache_batch_idx: expected values in [0, {num_cache_rows}), got "
+                     f"{batch_idx.tolist()}")
+  if block_table is not None and np.any((block_table < 0) | (block_table >= num_cache_rows)):
+    raise ValueError(f"block_table: expected page indices in [0, {num_cache_rows}) (k_cache's "
                      "num_blocks)")
+
+
+def _check_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, k_cache, rotary_cos,
+                  plan):
+  check_values(plan, k_cache.shape[0], _concrete(cache_seqlens), _concrete(cache_leftpad),
+               _concrete(cache_batch_idx), _concrete(block_table),
+               None if rotary_cos is None else rotary_cos.shape[0])
 
 
 def prepare(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,

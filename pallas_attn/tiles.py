@@ -5,7 +5,12 @@ Every table row names the measurement behind it.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import os
+
+import jax
 
 from pallas_attn import _compat
 
@@ -61,3 +66,101 @@ def resolve(head_dim_padded: int, sq: int, sk: int, override: KernelConfigs | No
   bucket = min(max(head_dim_padded, 64), 256)
   base = override or (_FP32_256 if bucket == 256 and itemsize > 2 else _TABLE[bucket])
   return KernelConfigs(*(_fit(c, sq, sk) for c in (base.fwd, base.bwd_dq, base.bwd_dkv)))
+
+
+# -- shared-memory fit: the table's tiles shrunk until the kernel fits the device's per-block limit
+
+_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+
+
+def _cuda_optin_limit(ordinal: int) -> int | None:
+  """cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN) from the driver (None if unreadable)."""
+  try:
+    cuda = ctypes.CDLL("libcuda.so.1")
+    dev, value = ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), ordinal) != 0:
+      return None
+    if cuda.cuDeviceGetAttribute(ctypes.byref(value),
+                                 _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev) != 0:
+      return None
+    return int(value.value)
+  except (OSError, AttributeError):
+    return None
+
+
+# Every CUDA device since Kepler gives a block 48 KiB without opting in: the fallback when the
+# driver cannot be asked.
+_GUARANTEED_SMEM = 48 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit() -> int | None:
+  """Bytes of shared memory one block of our kernels may use on this process's first GPU, read
+  from the device at run time; None without a GPU (interpret mode has no such limit).
+
+  PALLAS_ATTN_SMEM_LIMIT (bytes) overrides it, e.g. to lower for a smaller device from a CPU host.
+  """
+  env = os.environ.get("PALLAS_ATTN_SMEM_LIMIT", "")
+  if env:
+    return int(env)
+  try:
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+  except RuntimeError:
+    return None
+  if not gpus:
+    return None
+  limit = _cuda_optin_limit(getattr(gpus[0], "local_hardware_id", None) or 0)
+  return limit if limit is not None else _GUARANTEED_SMEM
+
+
+def shared_memory_bytes(kind: str, cfg: TileConfig, dp: int, itemsize: int,
+                        pair_bytes: int = 0) -> int:
+  """Estimated shared memory of one program of `kind` ("fwd", "bwd_dq", "bwd_dkv").
+
+  Triton keeps the tiles a program holds for its whole loop (q for the forward, q and dO for dQ,
+  k and v for dK/dV), num_stages - 1 pipelined copies of each tile its loop loads (k and v, or q,
+  dO and their row statistics; plus the dynamic mask's bias and keep tiles, pair_bytes per
+  element), and fp32 [bq, bk] scratch for the layout change of P (and dS) into a dot operand.
+  Checked against Triton 3.6 on the H200: flash_dma fp32 d=64 with the forward's 128x64 tiles and
+  3 stages comes to 262144 bytes, the request Triton reported (32 KiB q + 2 x 96 KiB of k, v, bias
+  and keep + 32 KiB of P).
+  """
+  bq, bk = cfg.block_q, cfg.block_k
+  copies = max(cfg.num_stages - 1, 1)
+  pair = pair_bytes * bq * bk
+  if kind == "fwd":
+    return bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 4 * bq * bk
+  if kind == "bwd_dq":
+    return 2 * bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 8 * bq * bk
+  if kind == "bwd_dkv":
+    return (2 * bk * dp * itemsize + copies * (2 * bq * dp * itemsize + 8 * bq + pair)
+            + 8 * bq * bk)
+  raise ValueError(f"kind: expected 'fwd', 'bwd_dq' or 'bwd_dkv', got {kind!r}")
+
+
+def fit_shared_memory(kind: str, cfg: TileConfig, dp: int, itemsize: int, pair_bytes: int = 0,
+                      limit: int | None = None) -> TileConfig:
+  """cfg, or the largest step-down of it that fits `limit` bytes: first fewer pipeline stages (down
+  to 2), then the larger tile axis halved (the loop's axis on ties), never below 16."""
+  if limit is None:
+    return cfg
+  loop_axis = "block_q" if kind == "bwd_dkv" else "block_k"
+  while shared_memory_bytes(kind, cfg, dp, itemsize, pair_bytes) > limit:
+    if cfg.num_stages > 2:
+      cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+      continue
+    other = "block_k" if loop_axis == "block_q" else "block_q"
+    axis = loop_axis if getattr(cfg, loop_axis) >= getattr(cfg, other) else other
+    if getattr(cfg, axis) <= 16:
+      axis = other if axis == loop_axis else loop_axis
+      if getattr(cfg, axis) <= 16:
+        break  # nothing left to shrink: Triton reports the overflow
+    cfg = dataclasses.replace(cfg, **{axis: getattr(cfg, axis) // 2})
+  return cfg
+
+
+def fit_configs(cfgs: KernelConfigs, dp: int, itemsize: int, pair_bytes: int = 0,
+                limit: int | None = None) -> KernelConfigs:
+  """fit_shared_memory for all three kernels."""
+  return KernelConfigs(*(fit_shared_memory(kind, getattr(cfgs, kind), dp, itemsize, pair_bytes, limit)
+                         for kind in ("fwd", "bwd_dq", "bwd_dkv")))

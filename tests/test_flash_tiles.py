@@ -65,3 +65,69 @@ def test_tile_ranges_cover_the_band(bq, bk):
     assert not np.any(full & ~full_bwd.T), f"q_tiles drops the element test on a partial tile: {where}"
     checked += 1
   assert checked == len(LENGTHS) ** 2 * len(WINDOWS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared-memory fit (tiles.fit_shared_memory): estimates against what Triton requested on the H200.
+
+from pallas_attn import tiles  # noqa: E402
+
+
+def test_smem_estimate_reproduces_the_reported_overflow():
+  """flash_dma.fwd, fp32, d=64 (bias and keep fp32): Triton asked for 262144 bytes, the H200 has
+  232448; the fitted config must drop below that limit and keep the tile shape if it can."""
+  cfg = tiles.resolve(64, 80, 96, None, 4).fwd
+  assert tiles.shared_memory_bytes("fwd", cfg, 64, 4, pair_bytes=8) == 262144
+  fitted = tiles.fit_shared_memory("fwd", cfg, 64, 4, pair_bytes=8, limit=232448)
+  assert tiles.shared_memory_bytes("fwd", fitted, 64, 4, pair_bytes=8) <= 232448
+  assert (fitted.block_q, fitted.block_k, fitted.num_stages) == (128, 64, 2)
+
+
+@pytest.mark.parametrize("limit", [48 * 1024, 101376, 232448])
+@pytest.mark.parametrize("dp", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("itemsize,pair", [(2, 0), (4, 0), (2, 4), (4, 8)])
+def test_fit_respects_any_limit(limit, dp, itemsize, pair):
+  """Every kernel of the table, shrunk for a limit, fits it (or is at the 16 x 16 floor); configs
+  that fit already come back unchanged."""
+  for kind in ("fwd", "bwd_dq", "bwd_dkv"):
+    cfg = getattr(tiles.resolve(dp, 4096, 4096, None, itemsize), kind)
+    fitted = tiles.fit_shared_memory(kind, cfg, dp, itemsize, pair, limit)
+    need = tiles.shared_memory_bytes(kind, fitted, dp, itemsize, pair)
+    assert need <= limit or (fitted.block_q, fitted.block_k) == (16, 16), (kind, fitted, need)
+    if tiles.shared_memory_bytes(kind, cfg, dp, itemsize, pair) <= limit:
+      assert fitted == cfg
+    assert tiles.fit_shared_memory(kind, cfg, dp, itemsize, pair, None) == cfg
+
+
+def test_gpu_lowering_fits_the_device_limit(monkeypatch):
+  """The GPU branch of each kernel call asks fit_configs with the device's limit and the dynamic
+  mask's element bytes (lowered for CUDA on the CPU, with a pretend limit)."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_attn import flash_dma
+
+  seen = []
+  real = tiles.fit_configs
+  monkeypatch.setattr(tiles, "shared_memory_limit", lambda: 100_000)
+
+  def spy(cfgs, dp, itemsize, pair_bytes=0, limit=None):
+    fitted = real(cfgs, dp, itemsize, pair_bytes, limit)
+    seen.append((dp, itemsize, pair_bytes, limit, fitted))
+    return fitted
+
+  monkeypatch.setattr(tiles, "fit_configs", spy)
+  q = jnp.zeros((2, 80, 4, 64), jnp.float32)
+  k = jnp.zeros((2, 96, 2, 64), jnp.float32)
+  zoh = jnp.zeros((2, 2, 80, 96), jnp.float32)
+
+  def f(q, k, v, zoh, mask):
+    fwd = lambda q, k, v, z: tuple(flash_dma.fwd(q, k, v, z, mask, is_causal=True)[:2])
+    (out, _), vjp = jax.vjp(fwd, q, k, v, zoh)
+    return vjp((out, jnp.zeros((2, 4, 80), jnp.float32)))
+
+  jax.jit(f).trace(q, k, k, zoh, zoh).lower(lowering_platforms=("cuda",))
+  assert len(seen) == 2  # forward and backward
+  for dp, itemsize, pair, limit, fitted in seen:
+    assert (dp, itemsize, pair, limit) == (64, 4, 8, 100_000)
+    for kind in ("fwd", "bwd_dq", "bwd_dkv"):
+      assert tiles.shared_memory_bytes(kind, getattr(fitted, kind), 64, 4, 8) <= 100_000

@@ -322,3 +322,41 @@ def test_bad_arguments(changes, error, match):
 ], ids=str)
 def test_kvcache_parity_gpu(case):
   check_case(case)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bounds: lengths past the cache are rejected when known, clamped in the kernel when traced.
+
+@pytest.mark.parametrize("s_new", [0, 1])
+def test_seqlens_past_block_table_raise_runtime_error(s_new):
+  """As flash-attn: a RuntimeError (ours is also a ValueError, like every other bad value)."""
+  kw = make_inputs(Case(page=16, capacity=64, s_new=s_new))
+  kw["cache_seqlens"] = jnp.asarray([65, 3], jnp.int32)
+  with pytest.raises(RuntimeError, match=r"^cache_seqlens: expected at most 64 \(block_table holds "
+                                         r"4 pages of 16"):
+    flash_attn_with_kvcache(**kw)
+
+
+@pytest.mark.parametrize("page,seqlens", [(None, [63, 3]), (16, [2, 63]), (None, 63)],
+                         ids=["contiguous", "paged", "int"])
+def test_append_past_cache_end_raises(page, seqlens):
+  kw = make_inputs(Case(page=page, capacity=64, s_new=2, sq=2))
+  kw["cache_seqlens"] = seqlens if isinstance(seqlens, int) else jnp.asarray(seqlens, jnp.int32)
+  with pytest.raises(ValueError, match=r"^cache_seqlens: appending 2 new tokens at cache_seqlens "
+                                       r".* runs past the end of the cache \(64 positions"):
+    flash_attn_with_kvcache(**kw)
+
+
+@pytest.mark.parametrize("page", [None, 16])
+def test_traced_seqlens_past_capacity_are_clamped(page):
+  """Under jit nobody can check the lengths: the kernel clamps them to the cache's capacity, so row
+  0's keys past it (which would be the next row's table entries, or cache row) are never read."""
+  kw = make_inputs(Case(page=page, capacity=64, s_new=0, sq=2, splits=1))
+  f = jax.jit(lambda lens: flash_attn_with_kvcache(**{**kw, "cache_seqlens": lens},
+                                                   return_softmax_lse=True)[0])
+  out, lse = f(jnp.asarray([64 + 40, 64], jnp.int32))
+  (r_out, r_lse), _, _ = reference({**kw, "cache_seqlens": jnp.asarray([64, 64], jnp.int32)})
+  (l_out, l_lse), _, _ = reference({**kw, "cache_seqlens": jnp.asarray([64, 64], jnp.int32)},
+                                   upcast=False)
+  numerics.assert_output("out", out, l_out, r_out)
+  numerics.assert_lse(lse, l_lse, r_lse)

@@ -103,3 +103,31 @@ def test_torch_kvcache_cuda(case):
   numerics.assert_output("out", _to_jax(out.cpu()), l_out, r_out)
   numerics.assert_lse(_to_jax(lse.cpu()), l_lse, r_lse)
   np.testing.assert_array_equal(numerics.as_f32(_to_jax(v_cache.cpu())), numerics.as_f32(r_v))
+
+
+def test_torch_kvcache_bounds_checked_before_writing():
+  """Host-visible lengths (CPU tensors, ints) past the cache raise before the in-place append
+  indexes with them: a RuntimeError past the block table (as flash-attn), a ValueError naming
+  cache_seqlens, the cache length and the new tokens for an append past the end."""
+  paged = {n: _to_torch(x) for n, x in make_inputs(Case(page=16, capacity=32, s_new=2)).items()}
+  flat = {n: _to_torch(x) for n, x in make_inputs(Case(capacity=32, s_new=2)).items()}
+  before = paged["k_cache"].clone(), flat["k_cache"].clone()
+  with pytest.raises(RuntimeError, match=r"^cache_seqlens: expected at most 32 \(block_table"):
+    torch_bridge.flash_attn_with_kvcache(
+        **{**paged, "k": None, "v": None, "cache_seqlens": torch.tensor([40, 1], dtype=torch.int32)})
+  for kw, lens in ((paged, torch.tensor([31, 0], dtype=torch.int32)), (flat, 31)):
+    with pytest.raises(ValueError, match=r"^cache_seqlens: appending 2 new tokens at cache_seqlens "
+                                         r".*31.* runs past the end of the cache \(32 positions"):
+      torch_bridge.flash_attn_with_kvcache(**{**kw, "cache_seqlens": lens})
+  assert torch.equal(paged["k_cache"], before[0]) and torch.equal(flat["k_cache"], before[1])
+
+
+def test_torch_kvcache_backward_says_forward_only():
+  kw = {n: _to_torch(x) for n, x in make_inputs(Case(rotary=0.5, s_new=1)).items()}
+  plain = torch_bridge.flash_attn_with_kvcache(**{**kw, "k_cache": kw["k_cache"].clone(),
+                                                  "v_cache": kw["v_cache"].clone()})
+  kw["q"] = kw["q"].clone().requires_grad_()
+  out = torch_bridge.flash_attn_with_kvcache(**kw)
+  torch.testing.assert_close(out.detach(), plain, rtol=0, atol=0)  # the forward still runs
+  with pytest.raises(NotImplementedError, match="^flash_attn_with_kvcache: forward-only"):
+    out.sum().backward()

@@ -171,6 +171,28 @@ def test_bad_input(mutate, err, match):
     flash_attn_varlen_func(**mutate(_bad_args()))
 
 
+def test_lengths_past_block_table_raise_runtime_error():
+  """As flash-attn: a RuntimeError (ours is also a ValueError, like every other bad value)."""
+  args = _bad_args()
+  with pytest.raises(RuntimeError, match="^block_table: 1 pages of 16 keys hold at most 16"):
+    flash_attn_varlen_func(**dict(args, block_table=args["block_table"][:, :1]))
+
+
+def test_traced_lengths_past_block_table_are_clamped():
+  """Under jit nobody checks cu_seqlens_k: a length past the table's capacity is clamped to it in
+  the kernel, so no tile looks up a table entry past the sequence's row."""
+  lq, lk, page = [5, 7], [32, 20], 16
+  q, k, v, _ = _inputs(lq, lk, 2, 1, 16, "float32", 9)
+  k_cache, v_cache, table = _paged(k, v, lk, page, seed=5, spare=1)
+  table = table[:, :2]  # sequence 0 fills both of its pages: capacity 32
+  f = jax.jit(lambda ck: flash_attn_varlen_func(q, k_cache, v_cache, _cu(lq), ck, 7, 64,
+                                                block_table=table, return_attn_probs=True)[:2])
+  out, lse = f(_cu([32 + 30, 20]))
+  ref, lowp = _packed_references(q, k, v, jnp.zeros_like(q), _cu(lq), _cu(lk))
+  numerics.assert_output("out", out, lowp[0], ref[0])
+  numerics.assert_lse(lse, lowp[1], ref[1])
+
+
 def test_unused_table_entries_are_not_checked():
   args = _bad_args()
   # Sequence 1 has 16 keys: its second entry is never read, whatever it holds.
@@ -254,7 +276,7 @@ def test_torch_forward_with_grad_inputs_and_backward_raises():
     (lambda a: dict(a, block_table=a["block_table"].long()), TypeError,
      "^block_table: expected dtype int32"),
     (lambda a: dict(a, block_table=[[0, 1], [2, 3]]), TypeError, "^block_table: expected an int32"),
-    (lambda a: dict(a, block_table=a["block_table"][:, :1]), ValueError, "^block_table: 1 pages"),
+    (lambda a: dict(a, block_table=a["block_table"][:, :1]), RuntimeError, "^block_table: 1 pages"),
     (lambda a: dict(a, block_table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32)), ValueError,
      r"^block_table: expected page indices in \[0, 5\)"),
     (lambda a: dict(a, k=torch.ones(5, 24, 2, 16), v=torch.ones(5, 24, 2, 16)), ValueError,

@@ -97,6 +97,28 @@ _attend_op = _ops.kernel_op(
     outputs=_attend_outputs, static=_attend_static, operands=_attend_operands)
 
 
+def _forward_only(ctx, *grads):
+  del ctx, grads
+  raise NotImplementedError(
+      "flash_attn_with_kvcache: forward-only (a decoding step, as in flash-attn), it has no "
+      "backward; run it under torch.no_grad(), or use flash_attn_func for attention to train")
+
+
+# Inputs that require grad still get a forward; only an actual backward through it fails, and says why.
+torch.library.register_autograd(_rotary_op, _forward_only)
+torch.library.register_autograd(_attend_op, _forward_only)
+
+
+def _host_values(x):
+  """x's values as numpy where reading them costs no device sync (an int, a CPU tensor), else None;
+  the kernel clamps the others (see pallas_attn/backends/triton_decode.py)."""
+  if isinstance(x, (int, np.integer)):
+    return np.asarray(x)
+  if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    return x.detach().numpy()
+  return None
+
+
 def _require_tensor(name, x, layout):
   if x is not None and not isinstance(x, torch.Tensor):
     raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
@@ -163,6 +185,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 for n, x in tensors.items())
   plan = _plan(metas, None if softmax_scale is None else float(softmax_scale), bool(causal), window,
                float(softcap), bool(rotary_interleaved), int(num_splits))
+
+  # Values are checked before anything is written (the append below indexes with them).
+  jax_kvcache.check_values(plan, k_cache.shape[0], _host_values(cache_seqlens),
+                           _host_values(cache_leftpad), _host_values(cache_batch_idx),
+                           _host_values(block_table),
+                           None if rotary_cos is None else rotary_cos.shape[0])
 
   b, device = q.shape[0], q.device
   if cache_seqlens is None:

@@ -93,7 +93,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
   pid, batch = pl.program_id(0), pl.program_id(1)
   m_tile, split = lax.div(pid, n_split), lax.rem(pid, n_split)
 
-  end, pad = end_ref[batch], pad_ref[batch]
+  # Lengths and page indices may be traced (unchecked) values: clamped to what the caches and the
+  # table hold, so no value can address memory outside them (the host checks reject the concrete ones).
+  n_pages = k_ref.shape[0]
+  end = jnp.clip(end_ref[batch], 0, spec.max_pages * spec.page_size)
+  pad = jnp.clip(pad_ref[batch], 0, end)
   sk = end - pad
   off = sk - spec.sq
   rows = m_tile * bm + jnp.arange(bm)
@@ -123,6 +127,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
     acc, m_i, l_i = carry
     p0 = t * bk
     page = table_ref[batch * spec.max_pages + lax.div(p0, spec.page_size)]
+    page = jnp.clip(page, 0, n_pages - 1)
     at = pl.ds(lax.rem(p0, spec.page_size), bk)
     pos = p0 + jnp.arange(bk)
     # Rows before leftpad or past the end may hold anything (even NaN): never load them.

@@ -28,16 +28,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_attn import _compat, dropout, masking
+from pallas_attn import _compat, dropout, masking, tiles
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 _INF = float("inf")
 
 
+# fp32 operands: six bf16 tensor-core products of the operands' bf16 splits (hi + two error terms),
+# accurate to fp32 rounding (the terms left out are ~2^-24 relative). Triton would otherwise use tf32;
+# Precision.HIGHEST lowers to its "ieee" dot, an unrolled FMA loop without tensor cores: at d=64 the
+# forward's PTX was 7.4x the bf16 kernel's (11576 lines), spilled 19.7 KB, and forward + backward
+# took 14.7 s of Triton + ptxas against 1.8 s for bf16 (bench/regs.py, sm_90a, Triton 3.6, on a
+# 2-core CPU); with this preset 4.2 s and at most 428 bytes of spills. The CPU (interpret mode)
+# computes the same dot in plain fp32.
+_FP32_DOT = lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  # fp32 operands get true fp32 products (Triton would otherwise use tf32).
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  precision = _FP32_DOT if a.dtype == jnp.float32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
@@ -262,16 +271,22 @@ def _sequence(spec: AttentionSpec, seqlens, index) -> _Seq:
     return _Seq(0, 0, spec.mask)
   cu_q, cu_k = seqlens[:2]
   q0, k0 = cu_q[index], cu_k[index]
-  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=cu_k[index + 1] - k0)
+  sk = cu_k[index + 1] - k0
+  if spec.page:
+    # Paged keys: a length past what the block table holds (traced, so unchecked) is clamped to
+    # the table's capacity, so no tile looks up a page beyond the sequence's row of the table.
+    sk = jnp.clip(sk, 0, seqlens[2].shape[1] * spec.page)
+  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=sk)
   return _Seq(q0, k0, mask)
 
 
-def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int):
+def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int, n_pages: int = 0):
   """Where keys [start, start + bk) of sequence `index` live in k/v: rows of the packed layout, or
-  rows of the one page that holds them (the tile never straddles a page)."""
+  rows of the one page that holds them (the tile never straddles a page); n_pages: k's num_blocks,
+  which bounds a page index read from the (unchecked when traced) block table."""
   if not spec.page:
     return pl.ds(seq.k0 + start, bk), slice(None)
-  page = seqlens[2][index, lax.div(start, spec.page)]
+  page = jnp.clip(seqlens[2][index, lax.div(start, spec.page)], 0, n_pages - 1)
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
@@ -405,6 +420,15 @@ class _Blocks:
                         lambda i, j, hh: (j, kv_head_of(hh), 0, 0))
 
 
+def _fit_device(cfgs: KernelConfigs, dp: int, q, bias, keep, interpret: bool) -> KernelConfigs:
+  """cfgs shrunk to the GPU's shared memory per block (read from the device); interpret mode has
+  no such limit and runs the tiles as given."""
+  if interpret:
+    return cfgs
+  pair = 0 if bias is None else bias.dtype.itemsize + keep.dtype.itemsize
+  return tiles.fit_configs(cfgs, dp, q.dtype.itemsize, pair, tiles.shared_memory_limit())
+
+
 def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
   """The grid's sequence axis: the batch, or the number of packed sequences."""
   if spec.varlen:
@@ -446,7 +470,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       start = kv_tile * bk
       cols = start + jnp.arange(bk)
       kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk)
+      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk, k_ref.shape[0])
       k = _load(k_ref.at[kv_at], kv_mask, 0.0)
       s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
       keep = None
@@ -498,7 +522,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
-  cfg = cfgs.fwd
+  cfg = _fit_device(cfgs, dp, q, bias, keep, interpret).fwd
   if spec.page:
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, spec.page & -spec.page))
   n_q = pl.cdiv(spec.sq, cfg.block_q)
@@ -761,6 +785,7 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
+  cfgs = _fit_device(cfgs, dp, q, bias, keep, interpret)
   reverse = _causal_like(spec.mask)
   n_seq = _n_sequences(spec, q, seqlens)
   seq_specs = [_whole(s) for s in seqlens] if spec.varlen else []
