@@ -37,3 +37,20 @@ def test_smoke_writes_table_json_and_plot(tmp_path, capsys):
   assert "pallas-attn" in printed and "xla-reference" in table and "best peer" in table
   assert tail.startswith("smoke")
   assert sum(line.rstrip().endswith(" ok") for line in printed.splitlines()) == len(rows)
+
+
+def test_models_smoke_trains_and_decodes_both_ways(tmp_path):
+  # bench.models --smoke: tiny transformers models, reference attention against ours, on the CPU.
+  import pytest  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("transformers")
+  from bench import models  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "models.json"
+  report = models.main(["--smoke", "--out", str(out)])
+  assert json.loads(out.read_text())["models"].keys() == {"llama", "mistral", "gemma2"}
+  for name, row in report["models"].items():
+    ours = row["pallas_attn"]
+    assert row["train_ratio"] > 0 and row["decode_ratio"] > 0, name
+    assert all(row["same_tokens"]), f"{name}: greedy tokens differ from the reference attention"
+    ref_loss = row[models.REFERENCE[name]]["train"]["loss"]
+    assert abs(ours["train"]["loss"] - ref_loss) < 1e-3 * max(1.0, abs(ref_loss)), name
+    assert all(r["compiles"] == 0 for r in ours["decode_again"]), f"{name}: decode recompiled"
