@@ -10,6 +10,8 @@ _jax_env.configure()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from torch_bridge import compat
 from torch_bridge import bert_padding  # noqa: F401  (registers flash_attn.bert_padding with compat)
+from torch_bridge import flash_attn_private  # noqa: F401  (registers flash-attn's private entry points)
+from torch_bridge import rotary  # noqa: F401  (registers flash_attn.layers.rotary with compat)
 from torch_bridge import flash_dma  # noqa: F401  (registers flash_dma.fwd / bwd with compat)
 from torch_bridge import landmark  # noqa: F401  (registers ltriton.flash_landmark_attention with compat)
 from torch_bridge.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
