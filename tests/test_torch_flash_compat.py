@@ -177,3 +177,15 @@ def test_compat_import_paths():
   assert (pad_input, unpad_input, apply_rotary_emb, RotaryEmbedding, _flash_attn_forward) == (
       bert_padding.pad_input, bert_padding.unpad_input, rotary.apply_rotary_emb, rotary.RotaryEmbedding,
       private._flash_attn_forward)  # pylint: disable=protected-access
+
+
+def test_readme_torch_face_exports():
+  """Every torch-face name of the README's table imports from torch_bridge itself."""
+  names = ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "fa2_func_with_sink",
+           "fa3_func_with_sink", "fused_landmark_attention", "FusedLandmarkAttention", "SparseAttention",
+           "flash_dma")
+  missing = [n for n in names if n not in torch_bridge.__all__ or not hasattr(torch_bridge, n)]
+  assert not missing, f"torch_bridge lacks {missing}"
+  from torch_bridge import FusedLandmarkAttention, flash_dma, fused_landmark_attention  # pylint: disable=g-import-not-at-top
+  assert callable(fused_landmark_attention) and hasattr(FusedLandmarkAttention, "apply")
+  assert callable(flash_dma.fwd) and callable(flash_dma.bwd)

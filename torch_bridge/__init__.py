@@ -18,6 +18,7 @@ from torch_bridge.flash_attn import flash_attn_func, flash_attn_kvpacked_func, f
 from torch_bridge.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                             flash_attn_varlen_qkvpacked_func)
 from torch_bridge.kvcache import flash_attn_with_kvcache
+from torch_bridge.landmark import FusedLandmarkAttention, fused_landmark_attention
 from torch_bridge.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
                                fa2_qkvpacked_func_with_sink, fa2_varlen_func_with_sink,
                                fa2_varlen_kvpacked_func_with_sink, fa2_varlen_qkvpacked_func_with_sink,
@@ -27,6 +28,9 @@ from torch_bridge.sparse import SparseAttention, sparse_attention
 
 __all__ = [
     "compat",
+    "flash_dma",
+    "fused_landmark_attention",
+    "FusedLandmarkAttention",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
