@@ -165,7 +165,7 @@ def test_private_varlen_with_dropout_replays_public():
 @pytest.mark.parametrize("window", [torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0]), (1,), "ab"])
 def test_window_size_rejects_non_pairs(window):
   q = torch.randn(1, 4, 2, 8, device=DEVICE)
-  with pytest.raises(ValueError, match="window_size: expected a pair of ints"):
+  with pytest.raises(ValueError, match=r"window_size: expected a pair \(left, right\) of ints"):
     torch_bridge.flash_attn_func(q, q, q, window_size=window)
 
 

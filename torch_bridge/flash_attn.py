@@ -182,15 +182,15 @@ def _window(window_size):
   (flash-attn's own tests pass `torch.tensor([left, right])`)."""
   if isinstance(window_size, torch.Tensor):
     if window_size.shape != (2,) or window_size.is_floating_point() or window_size.is_complex():
-      raise ValueError(f"window_size: expected a pair of ints (left, right), got a {window_size.dtype} "
+      raise ValueError(f"window_size: expected a pair (left, right) of ints, got a {window_size.dtype} "
                        f"tensor of shape {tuple(window_size.shape)}")
     window_size = window_size.tolist()
   try:
     left, right = window_size
   except (TypeError, ValueError):
-    raise ValueError(f"window_size: expected a pair of ints (left, right), got {window_size!r}") from None
+    raise ValueError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}") from None
   if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in (left, right)):
-    raise ValueError(f"window_size: expected a pair of ints (left, right), got {window_size!r}")
+    raise ValueError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
   return int(left), int(right)
 
 
