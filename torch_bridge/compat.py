@@ -3,7 +3,9 @@
 Each family registers the modules it stands in for (`register("flash_attn", flash_attn_func=...)`);
 `install()` puts one synthetic module per registered name into sys.modules, parents before
 children, so `import flash_attn`, `from flash_attn import flash_attn_func` and
-`import flash_attn.flash_attn_interface` all find the bridge.
+`import flash_attn.flash_attn_interface` all find the bridge. It also makes a `flash-attn`
+distribution visible to importlib.metadata (torch_bridge/_distribution.py), since libraries such as
+transformers check the installed package before importing it: call `install()` before importing them.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def _make(name: str, attrs: dict[str, Any]) -> types.ModuleType:
 def install() -> list[str]:
   """Makes every registered module importable; returns their names. Calling it again is harmless."""
   import torch_bridge  # noqa: F401  (importing the package registers every family)
+  from torch_bridge import _distribution  # pylint: disable=g-import-not-at-top
+
+  _distribution.install()
 
   names = sorted(set(_REGISTRY) | {p for n in _REGISTRY for p in _parents(n)}, key=lambda n: n.count("."))
   for name in names:
@@ -57,7 +62,11 @@ def install() -> list[str]:
 
 
 def uninstall() -> None:
-  """Restores whatever those import paths resolved to before `install()`."""
+  """Restores whatever those import paths resolved to before `install()`, and hides the
+  distribution metadata again."""
+  from torch_bridge import _distribution  # pylint: disable=g-import-not-at-top
+
+  _distribution.uninstall()
   for name, previous in sorted(_SAVED.items(), key=lambda kv: -kv[0].count(".")):
     if previous is None:
       sys.modules.pop(name, None)

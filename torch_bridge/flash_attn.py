@@ -178,9 +178,20 @@ def _require_tensor(name, x, layout):
 
 
 def _window(window_size):
-  if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-    raise ValueError(f"window_size: expected a pair (left, right), got {window_size!r}")
-  return int(window_size[0]), int(window_size[1])
+  """(left, right) as ints from any sequence of two ints: a tuple, a list, a numpy array or a tensor
+  (flash-attn's own tests pass `torch.tensor([left, right])`)."""
+  if isinstance(window_size, torch.Tensor):
+    if window_size.shape != (2,) or window_size.is_floating_point() or window_size.is_complex():
+      raise ValueError(f"window_size: expected a pair (left, right) of ints, got a {window_size.dtype} "
+                       f"tensor of shape {tuple(window_size.shape)}")
+    window_size = window_size.tolist()
+  try:
+    left, right = window_size
+  except (TypeError, ValueError):
+    raise ValueError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}") from None
+  if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in (left, right)):
+    raise ValueError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
+  return int(left), int(right)
 
 
 def attn_probs(op, lse, args):

@@ -1,0 +1,1 @@
+"""Adapters that plug the torch face into other libraries' extension points (transformers)."""
