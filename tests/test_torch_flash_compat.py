@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_bridge
-from tests import numerics
+import numerics
 from torch_bridge import bert_padding, flash_attn_private as private, rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

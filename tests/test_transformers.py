@@ -21,7 +21,7 @@ import torch_bridge.compat
 torch_bridge.compat.install()
 transformers = pytest.importorskip("transformers")
 
-from tests import numerics  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import numerics  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from torch_bridge.integrations import transformers as tb_transformers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
