@@ -171,9 +171,12 @@ def test_window_size_rejects_non_pairs(window):
 
 def test_compat_import_paths():
   torch_bridge.compat.install()
-  from flash_attn.bert_padding import pad_input, unpad_input  # pylint: disable=g-import-not-at-top
-  from flash_attn.flash_attn_interface import _flash_attn_forward  # pylint: disable=g-import-not-at-top
-  from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb  # pylint: disable=g-import-not-at-top
+  try:  # undone after: other tests expect the plain import paths
+    from flash_attn.bert_padding import pad_input, unpad_input  # pylint: disable=g-import-not-at-top
+    from flash_attn.flash_attn_interface import _flash_attn_forward  # pylint: disable=g-import-not-at-top
+    from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb  # pylint: disable=g-import-not-at-top
+  finally:
+    torch_bridge.compat.uninstall()
   assert (pad_input, unpad_input, apply_rotary_emb, RotaryEmbedding, _flash_attn_forward) == (
       bert_padding.pad_input, bert_padding.unpad_input, rotary.apply_rotary_emb, rotary.RotaryEmbedding,
       private._flash_attn_forward)  # pylint: disable=protected-access

@@ -17,8 +17,6 @@ import torch
 
 import torch_bridge.compat
 
-# transformers reads the installed distributions once, at import: the stand-in must be visible first.
-torch_bridge.compat.install()
 transformers = pytest.importorskip("transformers")
 
 import numerics  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -144,12 +142,29 @@ def test_pallas_attn_route(name, pallas_attn_registered):
 
 
 @pytest.fixture
-def flash_attention_2_route(monkeypatch):
+def compat_installed(monkeypatch):
+  """compat.install() for one test, undone after it (other test files see the plain import paths).
+
+  transformers reads the installed distributions once, when it is imported, which in a whole test
+  run happens before this fixture (users call install() first); the mapping is read again here as
+  that import would have read it after install()."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  from transformers.utils import import_utils  # pylint: disable=g-import-not-at-top
+  torch_bridge.compat.install()
+  monkeypatch.setattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING",
+                      importlib.metadata.packages_distributions())
+  yield
+  torch_bridge.compat.uninstall()
+
+
+@pytest.fixture
+def flash_attention_2_route(monkeypatch, compat_installed):
   """transformers' flash_attention_2 as shipped; on the CPU minus its CUDA gate (transformers checks
   for a CUDA device before it even looks at the package)."""
+  del compat_installed
   from transformers.utils import import_utils  # pylint: disable=g-import-not-at-top
   assert "flash-attn" in import_utils.PACKAGE_DISTRIBUTION_MAPPING.get("flash_attn", []), (
-      "transformers was imported before torch_bridge.compat.install(): it cannot see flash-attn")
+      "compat.install() did not make flash-attn visible to importlib.metadata")
   if DEVICE == "cpu":
     monkeypatch.setattr(import_utils, "is_torch_cuda_available", lambda: True)
   import_utils.is_flash_attn_2_available.cache_clear()
@@ -190,7 +205,7 @@ def test_register_refuses_flash_names():
     tb_transformers.register("my_flash_attn")
 
 
-def test_distribution_visible():
+def test_distribution_visible(compat_installed):
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   assert importlib.metadata.version("flash-attn") == "2.8.0"
   assert "flash-attn" in importlib.metadata.packages_distributions()["flash_attn"]
