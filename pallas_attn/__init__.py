@@ -4,6 +4,7 @@ from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, fl
 from pallas_attn.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                            flash_attn_varlen_qkvpacked_func)
 from pallas_attn import flash_dma  # noqa: F401  (flash_dma.fwd / bwd / topk_mask)
+from pallas_attn.dot_product_attention import dot_product_attention
 from pallas_attn.kvcache import flash_attn_with_kvcache
 from pallas_attn.landmark import fused_landmark_attention
 from pallas_attn.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
@@ -15,6 +16,7 @@ from pallas_attn.sparse import sparse_attention
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 __all__ = [
+    "dot_product_attention",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import (fa2_func_with_sink, flash_attn_func, flash_dma, flash_attn_kvpacked_func,
-                         flash_attn_qkvpacked_func, flash_attn_varlen_func, flash_attn_with_kvcache,
-                         fused_landmark_attention, sparse_attention)
+import pallas_attn
+from pallas_attn import flash_dma
 from pallas_attn.kvcache_reference import kvcache_reference
 from pallas_attn.reference import (attention_reference, dynamic_mask_reference,
                                    landmark_attention_reference, sparse_attention_reference)
@@ -55,7 +54,9 @@ PROBLEMS = {
 class Entry:
   """One public API call. Inputs are a dict of named arrays; `wrt` names the differentiable ones.
 
-  ours(inputs) and reference(inputs, upcast) return the same tuple of outputs, named by `outputs`; an
+  ours(inputs, face) and reference(inputs, upcast) return the same tuple of outputs, named by
+  `outputs`; `face` is JAX_FACE or TORCH_FACE (the module whose function runs, and how to make an
+  index array for it), so one closure calls the same API on both faces. An
   output named "lse" may hold +inf (empty rows) and is compared on its finite part. Inputs are arrays
   only (they become jit arguments); static values (max_seqlen, block sizes) belong in the closures.
   An empty `wrt` makes a forward-only entry (kvcache).
@@ -66,6 +67,20 @@ class Entry:
   reference: Callable[[dict, bool], tuple]
   wrt: tuple[str, ...]
   outputs: tuple[str, ...] = ("out", "lse")
+  torch_face: bool = True  # False: a JAX-only API (jax.nn's convention)
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+  """Where an entry's call goes: the module with the public functions, and how an index array the
+  call builds (cu_seqlens, a landmark mask) becomes one of that face's arrays."""
+  name: str
+  lib: object
+  array: Callable[[np.ndarray], object]
+
+
+JAX_FACE = Face("jax", pallas_attn, jnp.asarray)
+TORCH_FACE = None  # set by _torch_face() when torch imports
 
 
 def _normal(key, shape, dtype):
@@ -88,8 +103,8 @@ def _dense(name, hk_equals_h=False, alibi=False, **options):
       x["alibi_slopes"] = jnp.linspace(0.02, 0.3, p.h, dtype=jnp.float32)
     return x
 
-  def ours(x):
-    out, lse, _ = flash_attn_func(x["q"], x["k"], x["v"], alibi_slopes=x.get("alibi_slopes"),
+  def ours(x, face):
+    out, lse, _ = face.lib.flash_attn_func(x["q"], x["k"], x["v"], alibi_slopes=x.get("alibi_slopes"),
                                   return_attn_probs=True, **options)
     return out, lse
 
@@ -104,8 +119,8 @@ def _qkvpacked(name, **options):
   def make(p, key):
     return dict(qkv=_normal(key, (p.b, p.s, 3, p.h, p.d), p.dtype))
 
-  def ours(x):
-    out, lse, _ = flash_attn_qkvpacked_func(x["qkv"], return_attn_probs=True, **options)
+  def ours(x, face):
+    out, lse, _ = face.lib.flash_attn_qkvpacked_func(x["qkv"], return_attn_probs=True, **options)
     return out, lse
 
   def reference(x, upcast):
@@ -120,8 +135,8 @@ def _kvpacked(name, **options):
     x = _qkv_inputs(p, key)
     return dict(q=x["q"], kv=jnp.stack([x["k"], x["v"]], axis=2))
 
-  def ours(x):
-    out, lse, _ = flash_attn_kvpacked_func(x["q"], x["kv"], return_attn_probs=True, **options)
+  def ours(x, face):
+    out, lse, _ = face.lib.flash_attn_kvpacked_func(x["q"], x["kv"], return_attn_probs=True, **options)
     return out, lse
 
   def reference(x, upcast):
@@ -141,11 +156,11 @@ def _varlen(name, **options):
     x = _qkv_inputs(p, key)
     return {n: a.reshape(p.b * p.s, *a.shape[2:]) for n, a in x.items()}
 
-  def ours(x):
+  def ours(x, face):
     lens = lengths(_problem_of(x))
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
-    out, lse, _ = flash_attn_varlen_func(x["q"], x["k"], x["v"], cu, cu, max(lens), max(lens),
-                                         return_attn_probs=True, **options)
+    cu = face.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    out, lse, _ = face.lib.flash_attn_varlen_func(x["q"], x["k"], x["v"], cu, cu, max(lens), max(lens),
+                                                  return_attn_probs=True, **options)
     return out, lse
 
   def reference(x, upcast):
@@ -178,9 +193,9 @@ def _sink(name, **options):
     x["sink"] = jax.random.normal(jax.random.fold_in(key, 7), (2, p.h), jnp.float32)
     return x
 
-  def ours(x):
-    out, lse, _ = fa2_func_with_sink(x["q"], x["k"], x["v"], x["sink"], return_attn_probs=True,
-                                     **options)
+  def ours(x, face):
+    out, lse, _ = face.lib.fa2_func_with_sink(x["q"], x["k"], x["v"], x["sink"],
+                                              return_attn_probs=True, **options)
     return out, lse
 
   def reference(x, upcast):
@@ -197,8 +212,8 @@ def _sparse(name, mode, ctx):
   def heads(x):
     return next(p.h for p in PROBLEMS.values() if p.h * p.d == x["q"].shape[-1])
 
-  def ours(x):
-    return (sparse_attention(x["q"], x["k"], x["v"], heads(x), mode, ctx),)
+  def ours(x, face):
+    return (face.lib.sparse_attention(x["q"], x["k"], x["v"], heads(x), mode, ctx),)
 
   def reference(x, upcast):
     return (sparse_attention_reference(x["q"], x["k"], x["v"], heads(x), mode, ctx, upcast=upcast),)
@@ -217,14 +232,15 @@ def _landmark(name, block_size=16):
                 v=_normal(ks[2], (p.b, p.h, lk, p.d), p.dtype))
 
   def is_mem(x):
-    return (jnp.arange(x["k"].shape[2]) % block_size) == block_size - 1
+    return (np.arange(x["k"].shape[2]) % block_size) == block_size - 1
 
-  def ours(x):
-    return (fused_landmark_attention(x["q"], x["k"], x["v"], is_mem(x), block_size=block_size),)
+  def ours(x, face):
+    return (face.lib.fused_landmark_attention(x["q"], x["k"], x["v"], face.array(is_mem(x)),
+                                              block_size=block_size),)
 
   def reference(x, upcast):
     scale = x["q"].shape[-1] ** -0.5
-    return (landmark_attention_reference(x["q"], x["k"], x["v"], is_mem(x), scale, block_size,
+    return (landmark_attention_reference(x["q"], x["k"], x["v"], jnp.asarray(is_mem(x)), scale, block_size,
                                          upcast=upcast),)
 
   return Entry(name, make, ours, reference, wrt=("q", "k", "v"), outputs=("out",))
@@ -252,9 +268,12 @@ def _kvcache(name, page=16, s_new=2, **options):
     return (x["q"], x["k_cache"], x["v_cache"], x["k"], x["v"], x["rotary_cos"], x["rotary_sin"],
             x["cache_seqlens"])
 
-  def ours(x):
-    (out, lse), k_cache, v_cache = flash_attn_with_kvcache(
-        *args(x), block_table=x["block_table"], return_softmax_lse=True, **options)
+  def ours(x, face):
+    result = face.lib.flash_attn_with_kvcache(*args(x), block_table=x["block_table"],
+                                              return_softmax_lse=True, **options)
+    if face is TORCH_FACE:  # torch appends to the caches in place, as flash-attn does
+      return (*result, x["k_cache"], x["v_cache"])
+    (out, lse), k_cache, v_cache = result
     return out, lse, k_cache, v_cache
 
   def reference(x, upcast):
@@ -274,8 +293,9 @@ def _dynamic_mask(name, keep_window_size, **options):
     x["active_mask"] = flash_dma.topk_mask(x["zoh"], keep_window_size, options.get("is_causal", False))
     return x
 
-  def ours(x):
-    out, lse, _, _ = flash_dma.fwd(x["q"], x["k"], x["v"], x["zoh"], x["active_mask"], **options)
+  def ours(x, face):
+    out, lse, _, _ = face.lib.flash_dma.fwd(x["q"], x["k"], x["v"], x["zoh"], x["active_mask"],
+                                            **options)
     return out, lse
 
   def reference(x, upcast):
@@ -283,6 +303,35 @@ def _dynamic_mask(name, keep_window_size, **options):
                                   **options)
 
   return Entry(name, make, ours, reference, wrt=("q", "k", "v", "zoh"))
+
+
+def _dot_product(name, **options):
+  """pallas_attn.dot_product_attention (jax.nn's signature: top-left causal, per-row lengths)."""
+  def make(p, key):
+    x = _qkv_inputs(p, key)
+    x["lengths"] = jnp.asarray([max(1, p.s - 17 * r) for r in range(p.b)], jnp.int32)
+    return x
+
+  def ours(x, face):
+    del face
+    out, res = pallas_attn.dot_product_attention(
+        x["q"], x["k"], x["v"], query_seq_lengths=x["lengths"], key_value_seq_lengths=x["lengths"],
+        return_residual=True, **options)
+    return out, _valid_rows(res, x["lengths"])
+
+  def _valid_rows(res, lengths):  # a padding row's residual is undefined (jax.nn: a fill constant)
+    return jnp.where(jnp.arange(res.shape[1])[None, :, None] < lengths[:, None, None], res, 0)
+
+  def reference(x, upcast):
+    f32 = (lambda a: a.astype(jnp.float32)) if upcast else (lambda a: a)
+    with jax.default_matmul_precision("highest" if upcast else "default"):
+      out, res = jax.nn.dot_product_attention(
+          f32(x["q"]), f32(x["k"]), f32(x["v"]), query_seq_lengths=x["lengths"],
+          key_value_seq_lengths=x["lengths"], return_residual=True, **options)
+    return out, _valid_rows(res.astype(jnp.float32), x["lengths"])
+
+  return Entry(name, make, ours, reference, wrt=("q", "k", "v"), outputs=("out", "residual"),
+               torch_face=False)
 
 
 ENTRIES = [
@@ -301,6 +350,7 @@ ENTRIES = [
     _landmark("fused_landmark_attention"),
     _dynamic_mask("flash_dma.fwd top-k causal", 24, is_causal=True),
     _kvcache("flash_attn_with_kvcache paged", causal=True, rotary_interleaved=False, num_splits=3),
+    _dot_product("dot_product_attention causal", is_causal=True),
 ]
 
 
@@ -377,7 +427,7 @@ def run_entry(entry: Entry, problem: Problem, key, iters: int):
 
   # Inputs travel as jit arguments, not closure constants (XLA would embed large arrays in the program).
   def ours(d, r):
-    return entry.ours({**r, **d})
+    return entry.ours({**r, **d}, JAX_FACE)
 
   def reference(upcast):
     return lambda d: entry.reference({**rest, **d}, upcast)
@@ -406,6 +456,90 @@ def run_entry(entry: Entry, problem: Problem, key, iters: int):
   if diff:
     fwd_bwd = jax.jit(lambda d, r, c: jax.vjp(lambda d: ours(d, r), d)[1](c))
     t_all = _timed(fwd_bwd, diff, rest, cts, iters=iters)
+  torch_run = None if TORCH_FACE is None or not entry.torch_face else lambda: run_torch_entry(entry, inputs, cts, refs, iters)
+  return checks, t_fwd, t_all, torch_run
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch face: the same entries through torch_bridge on torch tensors (CUDA when the JAX device
+# is a GPU and torch sees one, else the CPU), checked against the same references.
+
+def _torch_face(use_cuda: bool):
+  global TORCH_FACE
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_bridge  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    print(f"torch face: skipped ({e}); `pip install torch` to run it too")
+    return None
+  device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
+  TORCH_FACE = Face("torch", torch_bridge, lambda a: torch.from_numpy(np.asarray(a)).to(device))
+  return torch, device
+
+
+_TORCH = {}
+
+
+def _to_torch(x, grad=False):
+  torch, device = _TORCH["torch"], _TORCH["device"]
+  dt = jnp.dtype(x.dtype)
+  host = np.asarray(x.astype(jnp.float32) if dt == jnp.bfloat16 else x)
+  t = torch.from_numpy(host.copy()).to(device)
+  if dt == jnp.bfloat16:
+    t = t.to(torch.bfloat16)
+  return t.requires_grad_() if grad else t
+
+
+def _to_jax(t, dtype):
+  t = t.detach().cpu()
+  if str(t.dtype) == "torch.bfloat16":
+    return jnp.asarray(t.float().numpy()).astype(jnp.bfloat16)
+  return jnp.asarray(t.numpy()).astype(dtype)
+
+
+def run_torch_entry(entry: Entry, inputs: dict, cts: tuple, refs: dict, iters: int):
+  """(checks, forward ms, forward+backward ms) of the entry on the torch face."""
+  torch = _TORCH["torch"]
+  sync = torch.cuda.synchronize if _TORCH["device"] == "cuda" else (lambda: None)
+
+  def call(grad: bool):
+    x = {n: _to_torch(a, grad and n in entry.wrt) for n, a in inputs.items()}
+    return x, entry.ours(x, TORCH_FACE)
+
+  def loss_of(outs):
+    return sum((o.float() * _to_torch(c).float()).sum()
+               for n, o, c in zip(entry.outputs, outs, cts) if n != "lse")
+
+  x, outs = call(grad=bool(entry.wrt))
+  checks = []
+  ref_outs = refs[True][0]
+  for n, o, lo, r in zip(entry.outputs, outs, refs[False][0], ref_outs):
+    checks.append(_check(n, _to_jax(o, r.dtype), lo, r, 2.0, "float32" if n == "lse" else r.dtype))
+  if entry.wrt:
+    grads = torch.autograd.grad(loss_of(outs), [x[n] for n in entry.wrt])
+    for n, g in zip(entry.wrt, grads):
+      ref_g = refs[True][1][n]
+      checks.append(_check("d" + n, _to_jax(g, inputs[n].dtype), refs[False][1][n], ref_g, 3.0,
+                           inputs[n].dtype))
+
+  def timed(fn):
+    fn()
+    sync()
+    times = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      fn()
+      sync()
+      times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+  xs = {n: _to_torch(a, n in entry.wrt) for n, a in inputs.items()}
+  with torch.no_grad():
+    t_fwd = timed(lambda: entry.ours(xs, TORCH_FACE))
+  t_all = None
+  if entry.wrt:
+    t_all = timed(lambda: torch.autograd.grad(loss_of(entry.ours(xs, TORCH_FACE)),
+                                              [xs[n] for n in entry.wrt]))
   return checks, t_fwd, t_all
 
 
@@ -431,6 +565,10 @@ def main(argv=None) -> int:
   print("err = max|ours - float32 reference|; bound = 2x (outputs) or 3x (gradients) the error of the "
         "reference computed in the input dtype, plus a few ulps; grad = the gradient closest to its bound\n")
 
+  face = _torch_face(use_cuda=device.platform == "gpu")
+  if face is not None:
+    _TORCH["torch"], _TORCH["device"] = face
+    print(f"torch face: torch {face[0].__version__} on {face[1]} (the rows 'torch: ...')\n")
   header = (f"{'entry':30s} {'out err':>9s} {'bound':>9s} {'grad err':>9s} {'bound':>9s} "
             f"{'fwd ms':>9s} {'fwd+bwd ms':>10s}  result")
   print(header)
@@ -441,31 +579,44 @@ def main(argv=None) -> int:
   with ctx:
     for i, entry in enumerate(ENTRIES):
       try:
-        checks, t_fwd, t_all = run_entry(entry, problem, jax.random.fold_in(key, i), iters)
+        checks, t_fwd, t_all, torch_run = run_entry(entry, problem, jax.random.fold_in(key, i), iters)
       except Exception as e:  # one broken API must not hide the others' results
         traceback.print_exc()
         print(f"{entry.name:30s} raised {type(e).__name__}: {e}")
         failures.append((entry.name, f"raised {type(e).__name__}"))
         continue
-      out = checks[0]
-      grads = checks[len(entry.outputs):]
-      grad = max(grads, key=lambda c: c.err / c.bound) if grads else None
-      bad = [c for c in checks if not c.ok]
-      result = "ok" if not bad else "FAIL " + ", ".join(
-          f"{c.name}: {c.note or f'{c.err:.2e} > {c.factor:g}*{c.lowp:.2e}+{c.atol:.2e}'}" for c in bad)
-      grad_cols = f"{grad.err:9.2e} {grad.bound:9.2e}" if grad else f"{'-':>9s} {'-':>9s}"
-      t_all = f"{t_all:10.2f}" if t_all is not None else f"{'-':>10s}"
-      print(f"{entry.name:30s} {out.err:9.2e} {out.bound:9.2e} {grad_cols} {t_fwd:9.2f} {t_all}  {result}",
-            flush=True)
-      if bad:
-        failures.append((entry.name, result))
+      _report(entry, entry.name, checks, t_fwd, t_all, failures)
+      if torch_run is not None:
+        name = "torch: " + entry.name
+        try:
+          _report(entry, name, *torch_run(), failures)
+        except Exception as e:  # pylint: disable=broad-except
+          traceback.print_exc()
+          print(f"{name:30s} raised {type(e).__name__}: {e}")
+          failures.append((name, f"raised {type(e).__name__}"))
 
   print()
+  total = len(ENTRIES) + (0 if TORCH_FACE is None else sum(e.torch_face for e in ENTRIES))
   if failures:
-    print(f"FAILED: {len(failures)} of {len(ENTRIES)} entries")
+    print(f"FAILED: {len(failures)} of {total} entries")
     return 1
-  print(f"all {len(ENTRIES)} entries within tolerance")
+  print(f"all {total} entries within tolerance ({'both faces' if TORCH_FACE else 'JAX face'})")
   return 0
+
+
+def _report(entry, name, checks, t_fwd, t_all, failures):
+  out = checks[0]
+  grads = checks[len(entry.outputs):]
+  grad = max(grads, key=lambda c: c.err / c.bound) if grads else None
+  bad = [c for c in checks if not c.ok]
+  result = "ok" if not bad else "FAIL " + ", ".join(
+      f"{c.name}: {c.note or f'{c.err:.2e} > {c.factor:g}*{c.lowp:.2e}+{c.atol:.2e}'}" for c in bad)
+  grad_cols = f"{grad.err:9.2e} {grad.bound:9.2e}" if grad else f"{'-':>9s} {'-':>9s}"
+  t_all = f"{t_all:10.2f}" if t_all is not None else f"{'-':>10s}"
+  print(f"{name:30s} {out.err:9.2e} {out.bound:9.2e} {grad_cols} {t_fwd:9.2f} {t_all}  {result}",
+        flush=True)
+  if bad:
+    failures.append((name, result))
 
 
 if __name__ == "__main__":

@@ -30,17 +30,20 @@ def _ceil_div(x, n: int):
 class BandMask:
   """Key j is visible to query i iff 0 <= j < sk and i + off - left <= j <= i + off + right.
 
-  off = sk - sq aligns the band to the bottom-right corner (FlashAttention-2's causal convention).
+  off = sk - sq aligns the band to the bottom-right corner (FlashAttention-2's causal convention);
+  top_left makes off = 0, the convention of jax.nn.dot_product_attention, where query i and key i
+  share a position whatever the lengths (in varlen calls: per sequence, from its own start).
   left/right None means unbounded on that side; causal is right = 0.
   """
   sq: int
   sk: int
   left: int | None = None
   right: int | None = None
+  top_left: bool = False
 
   @property
-  def off(self) -> int:
-    return self.sk - self.sq
+  def off(self):
+    return 0 if self.top_left else self.sk - self.sq
 
   @property
   def is_dense(self) -> bool:

@@ -22,11 +22,34 @@ def has_gpu() -> bool:
     return False
 
 
+def pytest_addoption(parser):
+  parser.addoption("--shard", default=None, metavar="I/N",
+                   help="run every N-th selected test starting at the I-th (0-based), so N processes "
+                        "share one run (bench/gpu_suite.sh: compiles are CPU-bound, the GPU is idle)")
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
 
+def _shard(config, items):
+  spec = config.getoption("--shard")
+  if not spec:
+    return
+  try:
+    index, count = (int(x) for x in spec.split("/"))
+    assert 0 <= index < count
+  except (ValueError, AssertionError):
+    raise pytest.UsageError(f"--shard: expected I/N with 0 <= I < N, got {spec!r}") from None
+  # Round-robin over the collected order: neighbours are alike in cost (one parametrized test),
+  # so each shard gets its share of every kind of test.
+  keep = [item for n, item in enumerate(items) if n % count == index]
+  config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index])
+  items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+  _shard(config, items)
   if has_gpu():
     return
   skip = pytest.mark.skip(reason="needs a GPU (jax.devices() has none)")

@@ -107,6 +107,21 @@ def _run(model, ids, mask, labels):
   return host(out.logits[mask.bool()]), host(out.loss), grads
 
 
+def _check_key_bias_grad(param, ours, ref):
+  """A key bias shifts every score of a row alike, which softmax ignores: its gradient is the sum
+  over a row's keys of dS = P (dP - D), zero but for the sink's share (D * P_sink). A flash backward
+  takes D = rowsum(dO * O) from the stored bf16 output, off by an O(eps) amount that is the same
+  for every key of the row, so the sum gathers it coherently while the true value cancels (eager
+  computes D from the P it differentiates; FA2/FA3 compute it as we do). So in bf16 this one
+  gradient is checked against the scale of its summands, the key projection's weight gradient,
+  not by the rule; in float32 (CPU) the rule checks it like every other."""
+  scale = np.abs(ref[param.replace("bias", "weight")]).max()
+  err = np.abs(ours[param] - ref[param]).max()
+  assert np.isfinite(ours[param]).all() and err <= 8 * numerics.eps("bfloat16") * scale * SEQ, (
+      f"grad {param}: err {err:.3e} > 8 eps * {SEQ} * max|grad k_proj.weight| = "
+      f"{8 * numerics.eps('bfloat16') * scale * SEQ:.3e}")
+
+
 def _check_route(name, implementation):
   ids, mask, labels = _batch()
   lowp_impl = MODELS[name][3]
@@ -119,6 +134,9 @@ def _check_route(name, implementation):
   numerics.assert_rule("loss", ll, wl, rl, factor=numerics.OUT_FACTOR, dtype=str(DTYPE).split(".")[1])
   assert set(lg) == set(rg), f"gradients: parameters {sorted(set(rg) ^ set(lg))} differ"
   for param in rg:
+    if param.endswith("k_proj.bias") and name in SINK_MODELS and DTYPE != torch.float32:
+      _check_key_bias_grad(param, lg, rg)
+      continue
     numerics.assert_rule(f"grad {param}", lg[param], wg[param], rg[param], factor=numerics.GRAD_FACTOR,
                          dtype=str(DTYPE).split(".")[1])
   with torch.no_grad():

@@ -162,7 +162,9 @@ class RotaryEmbedding(torch.nn.Module):
     if (seqlen > self._seq_len_cached or self._cos_cached is None or self._cos_cached.device != device
         or self._cos_cached.dtype != dtype or (self.training and self._cos_cached.is_inference())):
       self._seq_len_cached = seqlen
-      inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
+      # The buffer stays where the module was built; the cache follows the inputs' device.
+      inv_freq = (self.inv_freq.to(device) if self.inv_freq.dtype == torch.float32
+                  else self._compute_inv_freq(device))
       freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
       self._cos_cached, self._sin_cached = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
 
