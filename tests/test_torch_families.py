@@ -267,6 +267,12 @@ def test_varlen_errors_name_the_argument():
   _varlen_raises(ValueError, r"^cu_seqlens_k: expected shape \(3,\) to match", cu_seqlens_k=_cu([19]))
   _varlen_raises(ValueError, r"^cu_seqlens_q: expected non-decreasing offsets",
                  cu_seqlens_q=torch.tensor([0, 9, 8], dtype=torch.int32))
+  # Offsets past the packed rows: checked on the host for CPU tensors, before any kernel reads them.
+  _varlen_raises(ValueError, r"^cu_seqlens_k: expected non-decreasing offsets from 0 to at most 19 "
+                 r"\(the rows of k\), got \[0, 9, 40\]",
+                 cu_seqlens_k=torch.tensor([0, 9, 40], dtype=torch.int32), max_seqlen_k=31)
+  _varlen_raises(ValueError, r"^cu_seqlens_q: expected .* at most 19 \(the rows of q\), got \[0, 20, 19\]",
+                 cu_seqlens_q=torch.tensor([0, 20, 19], dtype=torch.int32), max_seqlen_q=20)
   _varlen_raises(ValueError, r"^max_seqlen_q: expected at least the longest sequence \(10\), got 8",
                  max_seqlen_q=8)
   _varlen_raises(ValueError, r"^max_seqlen_k: expected a positive Python int", max_seqlen_k=9.0)
