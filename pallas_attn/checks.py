@@ -94,10 +94,11 @@ def check_qkv_varlen(q, k, v):
     raise ValueError(f"q: expected head dim in [1, {MAX_HEAD_DIM}], got {d}")
 
 
-def check_cu_seqlens(name: str, cu, total: int, batch: int | None = None) -> int:
+def check_cu_seqlens(name: str, cu, total: int, batch: int | None = None, rows: str = "") -> int:
   """cu_seqlens: int32 (b + 1,), starting at 0, non-decreasing, ending at most at `total` rows.
 
-  The value checks run only when cu is concrete (not traced under jit). Returns b.
+  The value checks run only when cu is concrete (not traced under jit; the kernels clamp traced
+  offsets instead). rows: what `total` counts, for the message ("q": the rows of q). Returns b.
   """
   if not hasattr(cu, "shape") or not hasattr(cu, "dtype"):
     raise TypeError(f"{name}: expected an int32 array of shape (batch + 1,), got {type(cu).__name__}")
@@ -113,7 +114,8 @@ def check_cu_seqlens(name: str, cu, total: int, batch: int | None = None) -> int
   except Exception:  # noqa: BLE001  (a tracer: values unknown until run time)
     return cu.shape[0] - 1
   if vals[0] != 0 or np.any(np.diff(vals) < 0) or vals[-1] > total:
-    raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total}, got "
+    what = f" (the rows of {rows})" if rows else ""
+    raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total}{what}, got "
                      f"{vals.tolist() if vals.size <= 16 else str(vals[:16].tolist()) + '...'}")
   return cu.shape[0] - 1
 

@@ -100,11 +100,11 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     checks.check_qkv_varlen(q, k, v)
   else:
     page = _check_paged_qkv(q, k, v)
-  batch = checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+  batch = checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], rows="q")
   if page:
     _check_block_table(block_table, batch, k.shape[0], page, cu_seqlens_k)
   else:
-    checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch)
+    checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch, rows="k")
   max_q = checks.check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
   max_k = checks.check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
   h, d = q.shape[1], q.shape[2]

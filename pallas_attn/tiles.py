@@ -113,6 +113,30 @@ def shared_memory_limit() -> int | None:
   return limit if limit is not None else _GUARANTEED_SMEM
 
 
+# The products each kernel takes per loop step whose B operand is a tile of the loop's axis (keys for
+# the forward and dQ, queries for dK/dV): forward q.k^T and p.v; dQ q.k^T, dO.v^T and dS.k; dK/dV
+# k.q^T, p^T.dO, v.dO^T and dS^T.q (triton_flash's kernels).
+_LOOP_B_OPERANDS = {"fwd": 2, "bwd_dq": 3, "bwd_dkv": 4}
+
+
+def split_operand_bytes(kind: str, cfg: TileConfig, dp: int, itemsize: int) -> int:
+  """Shared memory that fp32 dots add on top of their staged fp32 tiles (0 for 16-bit inputs).
+
+  Our fp32 dots use BF16_BF16_F32_X6 (triton_flash._FP32_DOT): Triton's F32DotTC pass splits each
+  fp32 operand, in registers, into three bf16 pieces (hi, mid, lo) and takes the products of the
+  pieces. The pieces are computed values, so they cannot come straight from the pipelined copy of
+  the load: a tensor-core B operand must be in shared memory (wgmma reads B only from there), and
+  each piece of each B operand gets a buffer of its own, 3 x 2 bytes per element on top of the
+  fp32 tile (the A pieces stay in registers, as P does for bf16). Counted for every B operand of a
+  loop step (_LOOP_B_OPERANDS), since the pieces of one product are live while the next is issued.
+  An estimate from the passes' structure, not yet checked against Triton's request on a GPU.
+  """
+  if itemsize != 4:
+    return 0
+  rows = cfg.block_q if kind == "bwd_dkv" else cfg.block_k
+  return _LOOP_B_OPERANDS[kind] * 3 * 2 * rows * dp
+
+
 def shared_memory_bytes(kind: str, cfg: TileConfig, dp: int, itemsize: int,
                         pair_bytes: int = 0) -> int:
   """Estimated shared memory of one program of `kind` ("fwd", "bwd_dq", "bwd_dkv").
@@ -121,21 +145,26 @@ def shared_memory_bytes(kind: str, cfg: TileConfig, dp: int, itemsize: int,
   k and v for dK/dV), num_stages - 1 pipelined copies of each tile its loop loads (k and v, or q,
   dO and their row statistics; plus the dynamic mask's bias and keep tiles, pair_bytes per
   element), and fp32 [bq, bk] scratch for the layout change of P (and dS) into a dot operand.
-  Checked against Triton 3.6 on the H200: flash_dma fp32 d=64 with the forward's 128x64 tiles and
-  3 stages comes to 262144 bytes, the request Triton reported (32 KiB q + 2 x 96 KiB of k, v, bias
-  and keep + 32 KiB of P).
+  fp32 inputs add the bf16 pieces of their split dot operands (split_operand_bytes).
+  The staged part was checked against Triton 3.6 on the H200 while fp32 dots were still Triton's
+  ieee FMA loop (no split): flash_dma fp32 d=64 with the forward's 128x64 tiles and 3 stages came
+  to 262144 bytes, the request Triton reported (32 KiB q + 2 x 96 KiB of k, v, bias and keep +
+  32 KiB of P).
   """
+  if kind not in _LOOP_B_OPERANDS:
+    raise ValueError(f"kind: expected 'fwd', 'bwd_dq' or 'bwd_dkv', got {kind!r}")
   bq, bk = cfg.block_q, cfg.block_k
   copies = max(cfg.num_stages - 1, 1)
   pair = pair_bytes * bq * bk
+  split = split_operand_bytes(kind, cfg, dp, itemsize)
   if kind == "fwd":
-    return bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 4 * bq * bk
-  if kind == "bwd_dq":
-    return 2 * bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 8 * bq * bk
-  if kind == "bwd_dkv":
-    return (2 * bk * dp * itemsize + copies * (2 * bq * dp * itemsize + 8 * bq + pair)
-            + 8 * bq * bk)
-  raise ValueError(f"kind: expected 'fwd', 'bwd_dq' or 'bwd_dkv', got {kind!r}")
+    staged = bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 4 * bq * bk
+  elif kind == "bwd_dq":
+    staged = 2 * bq * dp * itemsize + copies * (2 * bk * dp * itemsize + pair) + 8 * bq * bk
+  else:
+    staged = (2 * bk * dp * itemsize + copies * (2 * bq * dp * itemsize + 8 * bq + pair)
+              + 8 * bq * bk)
+  return staged + split
 
 
 def fit_shared_memory(kind: str, cfg: TileConfig, dp: int, itemsize: int, pair_bytes: int = 0,

@@ -75,12 +75,48 @@ from pallas_attn import tiles  # noqa: E402
 
 def test_smem_estimate_reproduces_the_reported_overflow():
   """flash_dma.fwd, fp32, d=64 (bias and keep fp32): Triton asked for 262144 bytes, the H200 has
-  232448; the fitted config must drop below that limit and keep the tile shape if it can."""
+  232448 (measured while fp32 dots were Triton's ieee loop, before the bf16 split); the fitted
+  config must drop below that limit and keep the tile shape if it can."""
   cfg = tiles.resolve(64, 80, 96, None, 4).fwd
-  assert tiles.shared_memory_bytes("fwd", cfg, 64, 4, pair_bytes=8) == 262144
+  staged = (tiles.shared_memory_bytes("fwd", cfg, 64, 4, pair_bytes=8)
+            - tiles.split_operand_bytes("fwd", cfg, 64, 4))
+  assert staged == 262144
   fitted = tiles.fit_shared_memory("fwd", cfg, 64, 4, pair_bytes=8, limit=232448)
   assert tiles.shared_memory_bytes("fwd", fitted, 64, 4, pair_bytes=8) <= 232448
   assert (fitted.block_q, fitted.block_k, fitted.num_stages) == (128, 64, 2)
+
+
+def test_fp32_split_operands_are_counted():
+  """fp32 dots run as BF16_BF16_F32_X6: every B operand of a loop step is held again as three bf16
+  pieces (6 bytes per element) next to its fp32 tile; 16-bit inputs add nothing."""
+  cfg = tiles.TileConfig(128, 64, 4, 2)
+  assert tiles.split_operand_bytes("fwd", cfg, 128, 4) == 2 * 6 * 64 * 128  # k and v
+  assert tiles.split_operand_bytes("bwd_dq", cfg, 128, 4) == 3 * 6 * 64 * 128  # k, v, k
+  assert tiles.split_operand_bytes("bwd_dkv", cfg, 128, 4) == 4 * 6 * 128 * 128  # q, dO, dO, q
+  for kind in ("fwd", "bwd_dq", "bwd_dkv"):
+    assert tiles.split_operand_bytes(kind, cfg, 128, 2) == 0
+
+
+def test_fit_configs_shrinks_fp32_where_bf16_fits():
+  """flash_dma fp32 d=128 (fp32 bias and keep) on an H200-sized limit: the table's tiles fitted
+  without the split pieces (224 KiB of 227 KiB for the forward) but not with them, so fit_configs
+  picks smaller tiles for every kernel, each within the limit; bf16 keeps the table's tiles."""
+  limit, dp = 232448, 128
+  cfgs = tiles.resolve(dp, 4096, 4096, None, 4)
+  fwd_staged = (tiles.shared_memory_bytes("fwd", cfgs.fwd, dp, 4, 8)
+                - tiles.split_operand_bytes("fwd", cfgs.fwd, dp, 4))
+  assert fwd_staged <= limit < tiles.shared_memory_bytes("fwd", cfgs.fwd, dp, 4, 8)
+  fitted = tiles.fit_configs(cfgs, dp, 4, 8, limit)
+  for kind in ("fwd", "bwd_dq", "bwd_dkv"):
+    got, table = getattr(fitted, kind), getattr(cfgs, kind)
+    assert got.block_q * got.block_k < table.block_q * table.block_k, kind
+    assert tiles.shared_memory_bytes(kind, got, dp, 4, 8) <= limit, kind
+  assert (fitted.fwd.block_q, fitted.fwd.block_k) == (64, 32)
+  bf16 = tiles.resolve(dp, 4096, 4096, None, 2)
+  assert tiles.fit_configs(bf16, dp, 2, 4, limit) == bf16
+  # A limit that fits nothing larger ends at the 16 x 16 floor rather than looping.
+  floor = tiles.fit_configs(cfgs, dp, 4, 8, 1)
+  assert all((c.block_q, c.block_k) == (16, 16) for c in (floor.fwd, floor.bwd_dq, floor.bwd_dkv))
 
 
 @pytest.mark.parametrize("limit", [48 * 1024, 101376, 232448])

@@ -267,6 +267,12 @@ def test_varlen_errors_name_the_argument():
   _varlen_raises(ValueError, r"^cu_seqlens_k: expected shape \(3,\) to match", cu_seqlens_k=_cu([19]))
   _varlen_raises(ValueError, r"^cu_seqlens_q: expected non-decreasing offsets",
                  cu_seqlens_q=torch.tensor([0, 9, 8], dtype=torch.int32))
+  # Offsets past the packed rows: checked on the host for CPU tensors, before any kernel reads them.
+  _varlen_raises(ValueError, r"^cu_seqlens_k: expected non-decreasing offsets from 0 to at most 19 "
+                 r"\(the rows of k\), got \[0, 9, 40\]",
+                 cu_seqlens_k=torch.tensor([0, 9, 40], dtype=torch.int32), max_seqlen_k=31)
+  _varlen_raises(ValueError, r"^cu_seqlens_q: expected .* at most 19 \(the rows of q\), got \[0, 20, 19\]",
+                 cu_seqlens_q=torch.tensor([0, 20, 19], dtype=torch.int32), max_seqlen_q=20)
   _varlen_raises(ValueError, r"^max_seqlen_q: expected at least the longest sequence \(10\), got 8",
                  max_seqlen_q=8)
   _varlen_raises(ValueError, r"^max_seqlen_k: expected a positive Python int", max_seqlen_k=9.0)
@@ -893,24 +899,79 @@ def installed():
     assert sys.modules.get(n) is m
 
 
+def _unbind(x, dim):
+  return x.unbind(dim)
+
+
+# Per example: the leaves its gradients are read from, and what it computes from them, as
+# (q, k, v, sink) plus the varlen offsets' names (None: dense). The qkv splits are the layouts the
+# seed documents describe: FA2 (b, s, 3, H, d), FA3 (b, s, H + 2 Hk, d) as [H | Hk | Hk].
+_SEED_FORMS = {
+    "fa3_func": (("q", "k", "v", "sink"), lambda q, k, v, z: (q, k, v, z), None),
+    "fa2_func": (("q", "k", "v", "sink"), lambda q, k, v, z: (q, k, v, z), None),
+    "fa3_varlen": (("q", "k", "v", "sink"), lambda q, k, v, z: (q, k, v, z),
+                   ("cu_seqlens_q", "cu_seqlens_k")),
+    "fa2_varlen": (("q", "k", "v", "sink"), lambda q, k, v, z: (q, k, v, z),
+                   ("cu_seqlens_q", "cu_seqlens_k")),
+    "fa3_qkvpacked": (("qkv", "sink"), lambda qkv, z: (*qkv.split([4, 2, 2], dim=2), z), None),
+    "fa2_qkvpacked": (("qkv", "sink"), lambda qkv, z: (*_unbind(qkv, 2), z), None),
+    "fa2_kvpacked": (("q", "kv", "sink"), lambda q, kv, z: (q, *_unbind(kv, 2), z), None),
+    "fa2_varlen_qkvpacked": (("qkv", "sink"), lambda qkv, z: (*_unbind(qkv, 1), z),
+                             ("cu_seqlens", "cu_seqlens")),
+    "fa2_varlen_kvpacked": (("q", "kv", "sink"), lambda q, kv, z: (q, *_unbind(kv, 1), z),
+                            ("cu_seqlens_q", "cu_seqlens_k")),
+}
+
+
+def _seed_reference(example, scope, upcast):
+  """(out, lse, *grads) of the torch reference on the example's own values, for its `do`."""
+  if example == "sparse":
+    return (sparse_ref(scope["q"], scope["k"], scope["v"], scope["heads"], scope["attn_mode"],
+                       scope["local_attn_ctx"], upcast=upcast), None)
+  names, split, offsets = _SEED_FORMS[example]
+  leaves = [scope[n].detach().clone().requires_grad_() for n in names]
+  q, k, v, z = split(*leaves)
+  if offsets is None:
+    out, lse = attention_ref(q, k, v, sink=z, causal=True, upcast=upcast)
+  else:
+    cu_q, cu_k = (scope[n] for n in offsets)
+    out, lse = varlen_ref(q, k, v, cu_q, cu_k, sink=z, causal=True, upcast=upcast)
+  return (out, lse, *torch.autograd.grad(out, leaves, scope["do"].detach()))
+
+
+def _dsink_from_stored_output(out, lse, sink, dout):
+  """dsink = -sum_rows exp(z - L) * D with D = rowsum(dO * O) taken from `out` as stored (rounded
+  to the input dtype), the way FlashAttention's backward (ours included) forms delta. For bf16 this
+  rounding, summed over every row of a head, is what separates a correct kernel's dsink from the
+  exact one; the input-dtype reference keeps O unrounded inside autograd and so does not show it."""
+  d = (dout.double() * out.double()).sum(-1)  # (b, sq, H) or varlen (total, H)
+  d, lse = (d.permute(0, 2, 1), lse.double()) if d.dim() == 3 else (d.t()[None], lse.double()[None])
+  z = sink.detach().double()
+  return -(torch.exp(z[None, :, :, None] - lse[:, None]) * d[:, None]).sum(dim=(0, 3)).float()
+
+
 @pytest.mark.parametrize("example", list(SEED_EXAMPLES))
 def test_seed_example_runs(example, installed):
+  """Each seed example, run as written, computes what the reference computes on its values:
+  outputs, lse where it returns one, and every gradient it reads (dsink included)."""
   torch.manual_seed(0)
   scope = {}
   code = compile(_SMALL + SEED_EXAMPLES[example], f"<seed {example}>", "exec")
   exec(code, scope)  # pylint: disable=exec-used
   out = scope["output" if example == "sparse" else "out"]
-  assert torch.isfinite(out.float()).all()
-  for name in _SEED_GRADS[example]:
-    grad = scope[name]
-    assert grad is not None and torch.isfinite(grad.float()).all(), name
-  if example == "sparse":
-    assert out.shape == scope["q"].shape
-    return
-  assert out.dtype == torch.bfloat16 and scope["dsink"].dtype == torch.float32
-  assert scope["dsink"].shape == scope["sink"].shape
-  if "lse" in scope:
-    assert scope["lse"].dtype == torch.float32
+  names = ("out",) + (("lse",) if "lse" in scope else ()) + _SEED_GRADS[example]
+  ours = [out] + [scope[n] for n in names[1:]]
+  assert all(t is not None for t in ours), names
+  ref = _seed_reference(example, scope, upcast=True)
+  lowp = _seed_reference(example, scope, upcast=False)
+  if example != "sparse":
+    # dsink's yardstick: the accurate reference with delta from its output rounded to bf16.
+    lowp = (*lowp[:-1], _dsink_from_stored_output(ref[0], ref[1], scope["sink"], scope["do"]))
+  if "lse" not in scope:
+    ref, lowp = (ref[0], *ref[2:]), (lowp[0], *lowp[2:])
+  _check_parity(names, ours, lowp, ref)
+  if example != "sparse":
+    assert out.dtype == torch.bfloat16 and scope["dsink"].dtype == torch.float32
 
 
 def test_compat_import_paths_are_ours(installed):

@@ -14,6 +14,7 @@ import torch
 
 import numerics
 from pallas_attn.flash_attn_varlen import flash_attn_varlen_func
+from pallas_attn.reference import attention_reference
 from pallas_attn.sink import fa2_varlen_func_with_sink
 from test_varlen import _cu, _packed_references
 
@@ -109,6 +110,8 @@ def test_paged_equals_contiguous_for_equal_tiles():
   a = flash_attn_varlen_func(q, k_cache, v_cache, _cu(lq), _cu(lk), 17, 64, causal=True,
                              block_table=table)
   b = flash_attn_varlen_func(q, k, v, _cu(lq), _cu(lk), 17, 64, causal=True)
+  ref, lowp = _packed_references(q, k, v, jnp.zeros_like(q), _cu(lq), _cu(lk), causal=True)
+  numerics.assert_output("out", a, lowp[0], ref[0])
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -117,10 +120,24 @@ def test_sink_family_takes_block_table():
   q, k, v, _ = _inputs(lq, lk, 2, 1, 16, "float32", 5)
   sink = jax.random.normal(jax.random.PRNGKey(0), (3, 2), jnp.float32)
   k_cache, v_cache, table = _paged(k, v, lk, 16, seed=3)
-  a = fa2_varlen_func_with_sink(q, k_cache, v_cache, _cu(lq), _cu(lk), 12, 33, sink, causal=True,
-                                block_table=table)
-  b = fa2_varlen_func_with_sink(q, k, v, _cu(lq), _cu(lk), 12, 33, sink, causal=True)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+  out, lse, _ = fa2_varlen_func_with_sink(q, k_cache, v_cache, _cu(lq), _cu(lk), 12, 33, sink,
+                                          causal=True, block_table=table, return_attn_probs=True)
+  ref, lowp = (_sink_references(q, k, v, sink, lq, lk, causal=True, upcast=u) for u in (True, False))
+  numerics.assert_output("out", out, lowp[0], ref[0])
+  numerics.assert_lse(lse, lowp[1], ref[1])
+
+
+def _sink_references(q, k, v, sink, lq, lk, upcast, **opts):
+  """attention_reference with "sh" sinks, one sequence at a time: out (total_q, H, d), lse
+  (H, total_q)."""
+  cq, ck = np.cumsum([0] + lq), np.cumsum([0] + lk)
+  outs, lses = [], []
+  for s in range(len(lq)):
+    out, lse = attention_reference(q[cq[s]:cq[s + 1]][None], k[ck[s]:ck[s + 1]][None],
+                                   v[ck[s]:ck[s + 1]][None], sink=sink, upcast=upcast, **opts)
+    outs.append(out[0])
+    lses.append(lse[0])
+  return jnp.concatenate(outs), jnp.concatenate(lses, axis=1)
 
 
 def test_gradients_raise():
@@ -247,6 +264,10 @@ def test_torch_matches_jax(case):
       **opts)
   assert got[0].dtype == _torch(q).dtype and got[1].dtype == torch.float32
   assert got[2].numel() == 0
+  ref, lowp = _packed_references(q, k, v, jnp.zeros_like(q), cq, ck, alibi_slopes=slopes, **opts)
+  numerics.assert_output("out", jnp.asarray(got[0].float().numpy()).astype(q.dtype), lowp[0], ref[0])
+  numerics.assert_lse(got[1].numpy(), lowp[1], ref[1])
+  # The bridge adds no arithmetic of its own: bit for bit the JAX face's result.
   np.testing.assert_array_equal(got[0].float().numpy(), numerics.as_f32(want[0]))
   np.testing.assert_array_equal(got[1].numpy(), numerics.as_f32(want[1]))
 
@@ -260,9 +281,16 @@ def test_torch_forward_with_grad_inputs_and_backward_raises():
   import torch_bridge
 
   args = _torch_args()
-  args["q"] = torch.randn(19, 2, 16)
-  args["k"] = torch.randn(5, 16, 2, 16)
+  g = torch.Generator().manual_seed(0)
+  args["q"] = torch.randn(19, 2, 16, generator=g)
+  args["k"], args["v"] = (torch.randn(5, 16, 2, 16, generator=g) for _ in range(2))
   plain = torch_bridge.flash_attn_varlen_func(**args)
+  # Sequence 0 holds its 20 keys in pages 0 and 1, sequence 1 its 16 in page 2 (the table's [2, 3]).
+  packed = lambda cache: jnp.asarray(torch.cat([cache[:2].reshape(32, 2, 16)[:20], cache[2]]).numpy())
+  jq = jnp.asarray(args["q"].numpy())
+  ref, lowp = _packed_references(jq, packed(args["k"]), packed(args["v"]), jnp.zeros_like(jq),
+                                 _cu([9, 10]), _cu([20, 16]))
+  numerics.assert_output("out", jnp.asarray(plain.numpy()), lowp[0], ref[0])
   args["q"] = args["q"].clone().requires_grad_()
   out = torch_bridge.flash_attn_varlen_func(**args)
   torch.testing.assert_close(out.detach(), plain, rtol=0, atol=0)

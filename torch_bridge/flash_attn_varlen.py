@@ -270,9 +270,10 @@ def _check_offset_values(names, cu_seqlens, totals, max_seqlens):
   if torch.compiler.is_compiling() or any(cu.device.type != "cpu" for cu in cu_seqlens):
     return
   batch = None
-  for (cu_name, max_name), cu, total, bound in zip(names, cu_seqlens, totals, max_seqlens):
+  for (cu_name, max_name), cu, total, bound, rows in zip(names, cu_seqlens, totals, max_seqlens,
+                                                        ("q", "k")):
     values = cu.detach().numpy()
-    batch = checks.check_cu_seqlens(cu_name, values, total, batch)
+    batch = checks.check_cu_seqlens(cu_name, values, total, batch, rows)
     checks.check_max_seqlen(max_name, bound, values)
 
 
@@ -323,7 +324,7 @@ def _paged_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       and block_table.dtype == torch.int32):
     # Values, where reading them costs no device sync (see _check_offset_values).
     cu_q, cu_k = cu_seqlens_q.detach().numpy(), cu_seqlens_k.detach().numpy()
-    batch = checks.check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0])
+    batch = checks.check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], rows="q")
     checks.check_max_seqlen("max_seqlen_q", max_q, cu_q)
     if block_table.shape[0] == batch and block_table.shape[1] > 0 and k.shape[1] > 0:
       _check_block_table(block_table.detach().numpy(), batch, k.shape[0], k.shape[1], cu_k)

@@ -266,18 +266,34 @@ class _Seq:
   mask: object
 
 
-def _sequence(spec: AttentionSpec, seqlens, index) -> _Seq:
+def _span(cu_ref, index, total: int):
+  """Rows [start, start + length) of sequence `index`, clamped into [0, total]: offsets that are
+  out of range or decreasing (traced, so unchecked) give a shorter or empty span, never rows
+  outside the array."""
+  start = jnp.clip(cu_ref[index], 0, total)
+  return start, jnp.clip(cu_ref[index + 1], start, total) - start
+
+
+def _sequence(spec: AttentionSpec, seqlens, index, total_q: int, total_k: int) -> _Seq:
+  """Sequence `index`'s offsets and mask; total_q / total_k: the rows of q and of packed k/v.
+
+  Every length is clamped so that no tile reads or writes outside its arrays, whatever cu_seqlens
+  holds: offsets into [0, total], the query length to the grid's bound (spec.sq, the bucketed
+  max_seqlen_q, which also sizes the dK/dV pass's per-sequence lse and delta), and paged key counts
+  to the block table's capacity.
+  """
   if seqlens is None:
     return _Seq(0, 0, spec.mask)
-  cu_q, cu_k = seqlens[:2]
-  q0, k0 = cu_q[index], cu_k[index]
-  sk = cu_k[index + 1] - k0
+  q0, sq = _span(seqlens[0], index, total_q)
+  sq = jnp.minimum(sq, spec.sq)
   if spec.page:
-    # Paged keys: a length past what the block table holds (traced, so unchecked) is clamped to
-    # the table's capacity, so no tile looks up a page beyond the sequence's row of the table.
-    sk = jnp.clip(sk, 0, seqlens[2].shape[1] * spec.page)
-  mask = dataclasses.replace(spec.mask, sq=cu_q[index + 1] - q0, sk=sk)
-  return _Seq(q0, k0, mask)
+    # Paged keys: cu_seqlens_k gives only lengths; a length past what the block table holds is
+    # clamped to its capacity, so no tile looks up a page beyond the sequence's row of the table.
+    k0 = seqlens[1][index]
+    sk = jnp.clip(seqlens[1][index + 1] - k0, 0, seqlens[2].shape[1] * spec.page)
+  else:
+    k0, sk = _span(seqlens[1], index, total_k)
+  return _Seq(q0, k0, dataclasses.replace(spec.mask, sq=sq, sk=sk))
 
 
 def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int, n_pages: int = 0):
@@ -290,7 +306,7 @@ def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int, n_
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
-def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok):
+def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok, totals):
   """(at, ok): where a query tile's results go after its loop, and which of its rows exist.
 
   Varlen reads the sequence's offset and length from cu_seqlens again instead of reusing what the
@@ -301,7 +317,7 @@ def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok):
   """
   if not spec.varlen:
     return at, ok
-  seq = _sequence(spec, seqlens, index)
+  seq = _sequence(spec, seqlens, index, *totals)
   return pl.ds(seq.q0 + start, size), start + jnp.arange(size) < seq.mask.sq
 
 
@@ -449,7 +465,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   # Program ids are read here, outside any loop or branch (interpret mode substitutes them only at
   # the kernel's top level).
   pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  seq = _sequence(spec, opt.seqlens, batch)
+  totals = (q_ref.shape[0], k_ref.shape[0])  # varlen: rows of q and k (paged: k's pages)
+  seq = _sequence(spec, opt.seqlens, batch, *totals)
   mask = seq.mask
   # Causal tiles near the bottom do the most work; launching them first evens out the tail.
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
@@ -502,7 +519,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     empty = l_i == 0.0
     out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
     lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok)
+    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok,
+                                   totals)
     _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), _and(ok_out[:, None], head_ok))
     _store(lse_ref.at[rows_out], lse, ok_out)
 
@@ -587,7 +605,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
   pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  seq = _sequence(spec, opt.seqlens, batch)
+  totals = (q_ref.shape[0], k_ref.shape[0])  # varlen: rows of q and k (paged: k's pages)
+  seq = _sequence(spec, opt.seqlens, batch, *totals)
   mask = seq.mask
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
   per_row_sink = spec.sink == "ssh"
@@ -629,7 +648,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
       return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
-    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok)
+    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok,
+                                   totals)
     _store(dq_ref.at[rows_out, :], (dq * drop.scale).astype(dq_ref.dtype),
            _and(ok_out[:, None], head_ok))
     # The dK/dV pass's inputs, per sequence at tile-aligned offsets (see backward()); rows past the
@@ -666,7 +686,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
   bq, bk = cfg.block_q, cfg.block_k
   dp = k_ref.shape[-1]
   kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  seq = _sequence(spec, opt.seqlens, batch)
+  seq = _sequence(spec, opt.seqlens, batch, q_ref.shape[0], k_ref.shape[0])
   mask = seq.mask
   drop_scale = _Dropout.scale_of(spec)
 
