@@ -7,6 +7,7 @@
 #   bash bench/gpu_suite.sh                        # the whole suite, logs in bench/out
 #   SHARDS=8 LIMIT_S=500 bash bench/gpu_suite.sh   # fewer processes, another limit
 #   SANITIZE=1 bash bench/gpu_suite.sh             # also compute-sanitizer memcheck over a subset
+#   DEMO=1 bash bench/gpu_suite.sh                 # also the main job (python -m pallas_attn.demo)
 #
 # Each process writes $OUT/shard-I.log (pytest -v lines as they run); the summary at the end lists
 # every failure and the wall time.
@@ -28,6 +29,10 @@ done
 timeout "$LIMIT_S" $PYTEST tests/test_transformers.py tests/test_torch_flash_compat.py \
   > "$OUT/torch-cuda.log" 2>&1 &
 pids+=($!)
+if [ "${DEMO:-0}" = 1 ]; then  # the main job beside the tests: every public API, both faces
+  timeout "$LIMIT_S" python3 -m pallas_attn.demo > "$OUT/demo.log" 2>&1 &
+  pids+=($!)
+fi
 if [ "${SANITIZE:-0}" = 1 ]; then
   # Pallas kernels compile at first call: memcheck sees every launch, compile included.
   timeout "$LIMIT_S" compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 \
@@ -43,4 +48,5 @@ for f in "$OUT"/shard-*.log "$OUT"/torch-cuda.log ${SANITIZE:+"$OUT"/memcheck.lo
 done
 grep -hE "^(FAILED|ERROR) " "$OUT"/*.log | sort | uniq | head -60
 [ "${SANITIZE:-0}" = 1 ] && grep -E "ERROR SUMMARY|Invalid|out of bounds" "$OUT/memcheck.log" | head -20
+[ "${DEMO:-0}" = 1 ] && grep -E "FAIL|raised|entries" "$OUT/demo.log" | head -20
 exit 0
