@@ -144,3 +144,19 @@ def test_bad_arguments_name_themselves(kwargs, match):
   (q, k, v, _), _ = _inputs("float32")
   with pytest.raises(ValueError, match=match):
     pallas_attn.dot_product_attention(q, k, v, **kwargs)
+
+
+def test_as_flax_attention_fn():
+  """Flax's own module with our function as its attention_fn (flax is not a test dependency: this
+  runs where flax is installed, as on the GPU machine)."""
+  nn = pytest.importorskip("flax.linen")
+  x = jax.random.normal(jax.random.PRNGKey(3), (B, T, 32), jnp.float32)
+  mask = nn.make_causal_mask(jnp.ones((B, T)))
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32,
+                                         attention_fn=pallas_attn.dot_product_attention)
+  theirs = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+  params = theirs.init(jax.random.PRNGKey(4), x, mask=mask)
+  with jax.default_matmul_precision("highest"):
+    ref = theirs.apply(params, x, mask=mask)
+  out = ours.apply(params, x, mask=mask)
+  numerics.assert_rule("out", out, ref, ref, factor=numerics.OUT_FACTOR, dtype="float32")
