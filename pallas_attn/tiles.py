@@ -28,6 +28,9 @@ class KernelConfigs:
   fwd: TileConfig
   bwd_dq: TileConfig
   bwd_dkv: TileConfig
+  # Tiles the GPU lowering uses instead (interpret mode keeps the ones above): set by resolve() for
+  # fp32 from _FP32_GPU, never for a caller's override.
+  on_gpu: "KernelConfigs | None" = None
 
 
 # Keyed by head dim bucket. Evidence, H100 bf16 at (b, H, s, d) = (4, 16, 4096, 128), TFLOP/s (fwd / fwd+bwd):
@@ -61,11 +64,32 @@ def _fit(cfg: TileConfig, sq: int, sk: int) -> TileConfig:
 _FP32_256 = KernelConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2))
 
 
+# fp32 on the GPU: each fp32 dot is six bf16 tensor-core products (triton_flash._FP32_DOT), so the
+# bf16 table's tiles make kernels that spill and take ptxas long: at d=128 causal the forward, dQ and
+# dK/dV compiled in 7.6, 9.2 and 15.4 s with 3.5, 1.5 and 4.2 KB of spills; these tiles compile in
+# 2.3, 2.0 and 2.4 s with at most 48 bytes (d=64: 4.9 / 4.0 / 6.4 s -> 1.1 / 0.9 / 1.5 s, no
+# spills; d=256: 6.4 / 7.2 / 14.1 s -> 2.8 / 2.4 / 3.0 s). bench/regs.py for sm_90a on a 2-core
+# CPU; the H200's host compiles about 1.8x faster. Not used in interpret mode, where smaller tiles
+# only mean more (slow) interpreted programs.
+_FP32_GPU = {
+    64: KernelConfigs(TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)),
+    128: KernelConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(32, 32, 8, 2)),
+    256: KernelConfigs(TileConfig(32, 32, 8, 1), TileConfig(16, 32, 8, 1), TileConfig(32, 16, 8, 1)),
+}
+
+
+def _fitted(base: KernelConfigs, sq: int, sk: int) -> KernelConfigs:
+  return KernelConfigs(*(_fit(c, sq, sk) for c in (base.fwd, base.bwd_dq, base.bwd_dkv)))
+
+
 def resolve(head_dim_padded: int, sq: int, sk: int, override: KernelConfigs | None = None,
             itemsize: int = 2) -> KernelConfigs:
   bucket = min(max(head_dim_padded, 64), 256)
-  base = override or (_FP32_256 if bucket == 256 and itemsize > 2 else _TABLE[bucket])
-  return KernelConfigs(*(_fit(c, sq, sk) for c in (base.fwd, base.bwd_dq, base.bwd_dkv)))
+  if override is not None:
+    return _fitted(override, sq, sk)
+  base = _FP32_256 if bucket == 256 and itemsize > 2 else _TABLE[bucket]
+  on_gpu = _fitted(_FP32_GPU[bucket], sq, sk) if itemsize > 2 else None
+  return dataclasses.replace(_fitted(base, sq, sk), on_gpu=on_gpu)
 
 
 # -- shared-memory fit: the table's tiles shrunk until the kernel fits the device's per-block limit

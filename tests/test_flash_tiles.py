@@ -167,3 +167,19 @@ def test_gpu_lowering_fits_the_device_limit(monkeypatch):
     assert (dp, itemsize, pair, limit) == (64, 4, 8, 100_000)
     for kind in ("fwd", "bwd_dq", "bwd_dkv"):
       assert tiles.shared_memory_bytes(kind, getattr(fitted, kind), 64, 4, 8) <= 100_000
+
+
+def test_fp32_gets_its_own_gpu_tiles_and_overrides_do_not():
+  """fp32 kernels on the GPU use _FP32_GPU's smaller tiles (compile time, spills); interpret mode and
+  a caller's override keep theirs."""
+  from pallas_attn.backends import triton_flash  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  cfgs = tiles.resolve(128, 4096, 4096, itemsize=4)
+  assert cfgs.on_gpu is not None and cfgs.on_gpu.fwd == tiles._FP32_GPU[128].fwd  # pylint: disable=protected-access
+  assert tiles.resolve(128, 4096, 4096, itemsize=2).on_gpu is None
+  override = tiles.KernelConfigs(tiles.TileConfig(32, 32), tiles.TileConfig(32, 32), tiles.TileConfig(32, 32))
+  assert tiles.resolve(128, 4096, 4096, override, itemsize=4).on_gpu is None
+  q = jnp.zeros((1, 8, 1, 128), jnp.float32)
+  assert triton_flash._fit_device(cfgs, 128, q, None, None, interpret=True) == cfgs  # pylint: disable=protected-access
+  on_gpu = triton_flash._fit_device(cfgs, 128, q, None, None, interpret=False)  # pylint: disable=protected-access
+  assert on_gpu.fwd.block_q <= tiles._FP32_GPU[128].fwd.block_q and on_gpu.fwd.num_warps == 8  # pylint: disable=protected-access

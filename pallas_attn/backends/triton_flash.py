@@ -441,6 +441,7 @@ def _fit_device(cfgs: KernelConfigs, dp: int, q, bias, keep, interpret: bool) ->
   no such limit and runs the tiles as given."""
   if interpret:
     return cfgs
+  cfgs = cfgs.on_gpu or cfgs
   pair = 0 if bias is None else bias.dtype.itemsize + keep.dtype.itemsize
   return tiles.fit_configs(cfgs, dp, q.dtype.itemsize, pair, tiles.shared_memory_limit())
 
