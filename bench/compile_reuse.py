@@ -3,6 +3,13 @@ different programs that contain the same flash kernels (and their backward), in 
 it twice with XLA_FLAGS=--xla_gpu_kernel_cache_file=... to see XLA's kernel cache across programs
 and processes.
 
+Measured on the H200 (jax 0.11.2, bf16 d=128 causal): without the cache each program compiles its
+own copy (1.40 / 1.48 s for two forward programs); with it the second takes 0.09 s and a second
+process 0.18 s. But do not turn it on: with the cache enabled for the GPU tests, programs that
+reused a cached Pallas kernel computed wrong results (fp32 varlen and KV-cache outputs off by
+more than the outputs' size) and then failed with CUDA_ERROR_ILLEGAL_INSTRUCTION. This script
+times compiles only; it does not check results.
+
     python -m bench.compile_reuse [--dtype bfloat16] [--d 128]
 """
 from __future__ import annotations

@@ -1,6 +1,4 @@
 """pallas-attn: attention kernels in JAX Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU)."""
-from pallas_attn import kernel_cache as _kernel_cache
-_kernel_cache.enable()  # before anything starts XLA (see kernel_cache.py)
 from pallas_attn import _compat  # noqa: F401  (installs the Triton deprecation filter first)
 from pallas_attn.flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from pallas_attn.flash_attn_varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
