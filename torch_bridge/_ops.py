@@ -301,6 +301,34 @@ class Spec:
   offsets: Sequence[str] = ()
   check: Callable[..., None] | None = None
 
+  def extend(self, step: Callable[..., tuple], check: Callable[..., None] | None = None) -> Spec:
+    """This spec followed by `step(static, *named arguments)`, for a family that extends another
+    with more arguments (its parameters after the first may name the base's arguments too);
+    `check` runs after the base's check."""
+    def merged(*fns):
+      params = {}
+      for fn, skip in fns:
+        for p in list(inspect.signature(fn).parameters.values())[skip:]:
+          params.setdefault(p.name, p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                              default=inspect.Parameter.empty))
+      return inspect.Signature(list(params.values()))
+
+    def pick(fn, kw, skip=0):
+      return {n: kw[n] for n in list(inspect.signature(fn).parameters)[skip:]}
+
+    def prepare(**kw):
+      return step(self.prepare(**pick(self.prepare, kw)), **pick(step, kw, 1))
+    prepare.__signature__ = merged((self.prepare, 0), (step, 1))
+    both = self.check
+    if check is not None and self.check is not None:
+      def both(**kw):
+        self.check(**pick(self.check, kw))
+        check(**pick(check, kw))
+      both.__signature__ = merged((self.check, 0), (check, 0))
+    elif check is not None:
+      both = check
+    return Spec(prepare, self.host, self.offsets, both)
+
   def bind(self, names: Sequence[str], tensors: Sequence[int]) -> Callable[..., tuple]:
     """static(*args) over arguments named `names` (`tensors`: the tensor slots)."""
     params = tuple(inspect.signature(self.prepare).parameters)
@@ -320,7 +348,7 @@ class Spec:
     check = self.check
     body = []
     if check is not None:
-      body.append(f"_check({', '.join(inspect.signature(check).parameters)})")
+      body.append(f"_check({', '.join(f'{n}={n}' for n in inspect.signature(check).parameters)})")
     metas = _tuple(f"(None if {n} is None else ({n}.shape, {n}.dtype))" for n in t_names)
     body.append(f"return _cached({metas}, {_tuple(o_names)})")
     static = _function("static", names, body, _check=check, _cached=cached)

@@ -97,7 +97,6 @@ FLASH = _ops.OpDesc(
     backward=_dlpack.Kernel(into=_backward_into, plain=_backward), wrt=("q", "k", "v"))
 _FLASH = _ops.build(FLASH)
 _attention_op = _FLASH.call
-_static = _FLASH.static
 
 
 # S_dmask: the forward op's arguments after its lse; computed by pallas_attn's own s_dmask (the
