@@ -16,7 +16,9 @@ import torch
 
 from pallas_attn import flash, flash_dma as jax_dma
 from torch_bridge import _dlpack, _ops, compat
-from torch_bridge.flash_attn import _require_tensor, dropout_seed
+from torch_bridge.flash_attn import _fwd_outputs, dropout_seed
+
+_require_tensor = _ops.require_tensor
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor zoh, Tensor active_mask, Tensor? seed, "
              "float p_dropout, float? softmax_scale, bool is_causal, float softcap")
@@ -61,63 +63,24 @@ _BACKWARD = _dlpack.Kernel(into=_backward_into, plain=_backward)
 # Ops
 
 
-@functools.lru_cache(maxsize=1024)
-def _spec(shapes, dtypes, p_dropout, softmax_scale, is_causal, softcap):
+def _prepare(q, k, v, zoh, active_mask, p_dropout, softmax_scale, is_causal, softcap):
   """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
-  names = ("q", "k", "v", "zoh", "active_mask")
-  q, k, v, zoh, active = (jax.ShapeDtypeStruct(tuple(s), _dlpack.jax_dtype(n, d))
-                          for n, s, d in zip(names, shapes, dtypes))
-  spec, _ = jax_dma.prepare(q, k, v, zoh, active, p_dropout, softmax_scale, is_causal, 1, softcap)
+  spec, _ = jax_dma.prepare(q, k, v, zoh, active_mask, p_dropout, softmax_scale, is_causal, 1, softcap)
   return spec, None
 
 
-def _static(q, k, v, zoh, active_mask, seed, p_dropout, softmax_scale, is_causal, softcap, *_):
-  tensors = (q, k, v, zoh, active_mask)
+def _check_seed(seed, p_dropout):
   if (seed is None) != (p_dropout == 0):
     raise ValueError(f"seed: expected an int32 (1,) tensor exactly when p_dropout > 0 "
                      f"(p_dropout={p_dropout}), got {None if seed is None else tuple(seed.shape)}")
-  return _spec(tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors), p_dropout,
-               softmax_scale, is_causal, softcap)
 
 
-def _fwd_outputs(q, *_):
-  b, sq, h, _ = q.shape
-  return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
-
-
-def _fwd_operands(q, k, v, zoh, active_mask, seed, *_):
-  return q, k, v, zoh, active_mask, seed
-
-
-_fwd_op = _ops.kernel_op(
-    "flash_dma_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)", kernel=_FORWARD,
-    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
-
-
-def _bwd_outputs(dout, dlse, q, k, v, zoh, *_):
-  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (zoh.shape, zoh.dtype)]
-
-
-def _bwd_static(dout, dlse, *args):
-  return _static(*args)
-
-
-def _bwd_operands(dout, dlse, q, k, v, zoh, active_mask, seed, *rest):
-  out, lse = rest[-2:]
-  if dout is None:  # only lse was used downstream
-    dout = torch.zeros_like(out)
-  if dlse is None:
-    dlse = torch.zeros_like(lse)
-  return q, k, v, zoh, active_mask, seed, out, lse, dout, dlse
-
-
-_bwd_op = _ops.kernel_op(
-    "flash_dma_bwd",
-    f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
-    kernel=_BACKWARD, outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands, zeroed=(3,))
-
-_attention_op = _ops.differentiable(_fwd_op, _bwd_op, wrt=("q", "k", "v", "zoh"))
+# The backward's dzoh is zero-filled: the dK/dV kernel writes only the tiles the mask keeps.
+_DMA = _ops.build(_ops.OpDesc(
+    "flash_dma_fwd", _FWD_ARGS, outputs=_fwd_outputs, static=_ops.Spec(_prepare, check=_check_seed),
+    operands=("q", "k", "v", "zoh", "active_mask", "seed"), forward=_FORWARD, backward=_BACKWARD,
+    wrt=("q", "k", "v", "zoh"), zero_grads=("out", "softmax_lse"), zeroed=("zoh",)))
+_attention_op, _bwd_op, _static = _DMA.call, _DMA.bwd, _DMA.static
 
 
 # ------------------------------------------------------------------------------------------------
