@@ -127,7 +127,6 @@ _s_dmask_op = _ops.build(_ops.OpDesc(
     forward=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask))).call
 
 
-_require_tensor = _ops.require_tensor
 
 
 def _window(window_size):
@@ -158,11 +157,11 @@ def attn_probs(op, lse, args):
 
 def op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
   """The forward op's arguments after the public checks, with a freshly drawn dropout seed."""
-  _require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
-  _require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
-  _require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
   dropout_p = float(dropout_p)
   return (q, k, v, alibi_slopes, dropout_p, None if softmax_scale is None else float(softmax_scale),
@@ -280,7 +279,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
   The gradient of qkv comes back as one (batch, seqlen, 3, nheads, headdim) tensor.
   """
   del deterministic
-  _require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)")
+  _ops.require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)")
   if qkv.dim() != 5 or qkv.shape[2] != 3:
     raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
   q, k, v = qkv.unbind(2)
@@ -293,7 +292,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              deterministic=False, return_attn_probs=False):
   """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) stacked; same arguments and returns."""
   del deterministic
-  _require_tensor("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)")
+  _ops.require_tensor("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)")
   if kv.dim() != 5 or kv.shape[2] != 2:
     raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   k, v = kv.unbind(2)

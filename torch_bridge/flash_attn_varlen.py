@@ -22,7 +22,6 @@ from pallas_attn.flash_attn_varlen import _check_block_table, prepare_varlen, s_
 from torch_bridge import _buckets, _dlpack, _ops, compat
 from torch_bridge.flash_attn import _window, attn_probs, check_s_dmask, check_seed, dropout_seed
 
-_require_tensor = _ops.require_tensor
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
             "int max_seqlen_k, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, bool causal, "
@@ -186,9 +185,9 @@ def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
   names: the caller's argument names ((cu_q, max_q), (cu_k, max_k)); the packed-qkv form has
   a single cu_seqlens and max_seqlen.
   """
-  _require_tensor("q", q, "(total_q, nheads, headdim)")
-  _require_tensor("k", k, "(total_k, nheads_k, headdim)")
-  _require_tensor("v", v, "(total_k, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(total_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(total_k, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(total_k, nheads_k, headdim)")
   (cu_q_name, max_q_name), (cu_k_name, max_k_name) = names
   _require_offsets(cu_q_name, cu_seqlens_q)
   _require_offsets(cu_k_name, cu_seqlens_k)
@@ -212,15 +211,15 @@ def _paged_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
   if float(dropout_p) != 0.0:
     raise ValueError(f"block_table: paged keys/values are a forward-only (inference) path without "
                      f"dropout; expected dropout_p=0, got {dropout_p!r}")
-  _require_tensor("q", q, "(total_q, nheads, headdim)")
-  _require_tensor("k", k, "(num_blocks, page_block_size, nheads_k, headdim)")
-  _require_tensor("v", v, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(total_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(num_blocks, page_block_size, nheads_k, headdim)")
   _require_offsets("cu_seqlens_q", cu_seqlens_q)
   _require_offsets("cu_seqlens_k", cu_seqlens_k)
   max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q)
   max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k)
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
   if (not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
       and q.dim() == 3 and k.dim() == 4 and block_table.dim() == 2
@@ -248,7 +247,7 @@ def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
                               "flash_attn_varlen_func only")
   max_q, max_k = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
   dropout_p = float(dropout_p)
   return (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes, dropout_p,
@@ -361,7 +360,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
   The gradient of qkv comes back as one (total, 3, nheads, headdim) tensor.
   """
   del deterministic
-  _require_tensor("qkv", qkv, "(total, 3, nheads, headdim)")
+  _ops.require_tensor("qkv", qkv, "(total, 3, nheads, headdim)")
   if qkv.dim() != 4 or qkv.shape[1] != 3:
     raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
   q, k, v = qkv.unbind(1)
@@ -376,7 +375,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     deterministic=False, return_attn_probs=False):
   """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim); same arguments and returns."""
   del deterministic
-  _require_tensor("kv", kv, "(total_k, 2, nheads_k, headdim)")
+  _ops.require_tensor("kv", kv, "(total_k, 2, nheads_k, headdim)")
   if kv.dim() != 4 or kv.shape[1] != 2:
     raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   k, v = kv.unbind(1)

@@ -18,7 +18,6 @@ from pallas_attn import flash, flash_dma as jax_dma
 from torch_bridge import _dlpack, _ops, compat
 from torch_bridge.flash_attn import _fwd_outputs, dropout_seed
 
-_require_tensor = _ops.require_tensor
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor zoh, Tensor active_mask, Tensor? seed, "
              "float p_dropout, float? softmax_scale, bool is_causal, float softcap")
@@ -91,7 +90,7 @@ def topk_mask(zoh, keep_window_size: int, is_causal: bool = False):
   """active_mask for `active_mask=None`: per query row, 1 on the keep_window_size largest zoh entries
   among the keys the causal rule allows, else 0; every allowed key when seqlen_k <= keep_window_size.
   Same shape, dtype and device as zoh."""
-  _require_tensor("zoh", zoh, "(batch, nheads_k, seqlen_q, seqlen_k)")
+  _ops.require_tensor("zoh", zoh, "(batch, nheads_k, seqlen_q, seqlen_k)")
   if not isinstance(keep_window_size, int) or keep_window_size < 1:
     raise ValueError(f"keep_window_size: expected a positive int, got {keep_window_size!r}")
   sq, sk = zoh.shape[-2:]
@@ -158,14 +157,14 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
                           ("k", k, "(batch_size, seqlen_k, num_heads_k, head_dim)"),
                           ("v", v, "(batch_size, seqlen_k, num_heads_k, head_dim)"),
                           ("zoh", zoh, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")):
-    _require_tensor(name, x, layout)
+    _ops.require_tensor(name, x, layout)
   if not isinstance(keep_window_size, int) or keep_window_size < 1:
     raise ValueError(f"keep_window_size: expected a positive int, got {keep_window_size!r}")
   if active_mask is None:
     active_mask = topk_mask(zoh, keep_window_size, bool(is_causal))
-  _require_tensor("active_mask", active_mask, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")
+  _ops.require_tensor("active_mask", active_mask, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")
   if out is not None:
-    _require_tensor("out", out, "(batch_size, seqlen_q, num_heads, head_dim)")
+    _ops.require_tensor("out", out, "(batch_size, seqlen_q, num_heads, head_dim)")
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
       raise ValueError(f"out: expected a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
                        f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -196,7 +195,7 @@ def bwd(dout, q, k, v, zoh, active_mask, out, softmax_lse, p_dropout=0.0, softma
   """
   for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("zoh", zoh),
                   ("active_mask", active_mask), ("out", out), ("softmax_lse", softmax_lse)):
-    _require_tensor(name, x, "as fwd takes or returns it")
+    _ops.require_tensor(name, x, "as fwd takes or returns it")
   seed = None
   if p_dropout > 0:
     if rng_state is None or tuple(rng_state.shape) != (2,):

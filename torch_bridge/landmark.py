@@ -41,7 +41,6 @@ _LANDMARK = _ops.build(_ops.OpDesc(
     backward=_dlpack.Kernel(into=jax_landmark.backward_into, plain=jax_landmark.backward),
     wrt=("q", "k", "v")))
 _fwd, _bwd = _LANDMARK.fwd, _LANDMARK.bwd
-_require_tensor = _ops.require_tensor
 
 
 def _scale(sm_scale):
@@ -104,9 +103,9 @@ def fused_landmark_attention(q, k, v, is_mem, sm_scale=None, block_size=64):
   Returns:
     out (batch, nheads, seqlen_q, headdim), differentiable in q, k and v.
   """
-  _require_tensor("q", q, "(batch, nheads, seqlen_q, headdim)")
-  _require_tensor("k", k, "(batch, nheads, seqlen_k, headdim)")
-  _require_tensor("v", v, "(batch, nheads, seqlen_k, headdim)")
+  _ops.require_tensor("q", q, "(batch, nheads, seqlen_q, headdim)")
+  _ops.require_tensor("k", k, "(batch, nheads, seqlen_k, headdim)")
+  _ops.require_tensor("v", v, "(batch, nheads, seqlen_k, headdim)")
   if q.dim() != 4 or k.dim() != 4:
     raise ValueError(f"q, k: expected 4-D (batch, nheads, seqlen, headdim) tensors, got shapes "
                      f"{tuple(q.shape)} and {tuple(k.shape)}")

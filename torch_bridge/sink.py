@@ -21,7 +21,6 @@ from torch_bridge import _dlpack, _ops, compat
 from torch_bridge import flash_attn as bridge_fa
 from torch_bridge import flash_attn_varlen as bridge_varlen
 
-_require_tensor = _ops.require_tensor
 
 # The sink ops extend the dense and varlen ops, so they reuse those modules' private pieces.
 # pylint: disable=protected-access
@@ -129,7 +128,7 @@ _dense_sink_op, _varlen_sink_op = _DENSE.call, _VARLEN.call
 
 
 def _check_sink(sink, sink_layout):
-  _require_tensor("sink", sink, "(s_sink, nheads) ('sh') or (..., s_sink, nheads) ('ssh')")
+  _ops.require_tensor("sink", sink, "(s_sink, nheads) ('sh') or (..., s_sink, nheads) ('ssh')")
   if sink_layout not in jax_sink.LAYOUTS:
     raise ValueError(f"sink_layout: expected one of {jax_sink.LAYOUTS}, got {sink_layout!r}")
 
@@ -193,7 +192,7 @@ def _fa3_return(out, lse, return_attn_probs):
 
 
 def _unpack(name, packed, n, axis, layout):
-  _require_tensor(name, packed, layout)
+  _ops.require_tensor(name, packed, layout)
   if packed.dim() != axis + 3 or packed.shape[axis] != n:
     raise ValueError(f"{name}: expected shape {layout}, got {tuple(packed.shape)}")
   return packed.unbind(axis)
@@ -327,7 +326,7 @@ def fa3_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 def _split_fa3_qkv(qkv, num_heads_q):
   """FA3's packed qkv: (b, s, 3, H, d), or (b, s, H + 2 * Hk, d) split [H | Hk | Hk] by num_heads_q."""
-  _require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim) or "
+  _ops.require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim) or "
                   "(batch, seqlen, nheads + 2 * nheads_k, headdim)")
   if qkv.dim() == 5:
     return _unpack("qkv", qkv, 3, 2, "(batch, seqlen, 3, nheads, headdim)")
