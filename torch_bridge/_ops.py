@@ -371,7 +371,8 @@ class OpDesc:
   forward / backward: the kernels (`_dlpack.run`'s convention). The backward kernel takes the
     forward's operands, the forward's outputs, then their gradients, and returns the gradients of
     the arguments named in `wrt`, shaped and typed as those arguments.
-  zero_grads: outputs whose missing gradient is handed to the kernel as zeros (others as None).
+  zero_grads: outputs whose missing gradient is handed to the kernel as zeros (others as None);
+    default the first output.
   zeroed: names in `wrt` whose gradient buffers torch allocates zero-filled.
   forward_only: without a backward kernel, the NotImplementedError a backward through the op raises.
   """
@@ -384,7 +385,7 @@ class OpDesc:
   backward: _dlpack.Kernel | None = None
   wrt: Sequence[str] = ()
   output_names: Sequence[str] = ("out", "softmax_lse")
-  zero_grads: Sequence[str] = ("out",)
+  zero_grads: Sequence[str] | None = None
   zeroed: Sequence[str] = ()
   forward_only: str | None = None
 
@@ -432,8 +433,17 @@ def _operand_exprs(names: Sequence[str], operands: Sequence[Any]) -> tuple[list[
   return exprs, env
 
 
+FAMILIES: dict[str, tuple[OpDesc, Ops]] = {}  # forward op name -> its description and ops (tests)
+
+
 def build(desc: OpDesc) -> Ops:
   """The ops `desc` describes, with autograd (see `differentiable`) when it has a backward."""
+  ops = _build(desc)
+  FAMILIES[desc.name] = (desc, ops)
+  return ops
+
+
+def _build(desc: OpDesc) -> Ops:
   fwd_schema = f"({desc.args}) -> ({', '.join(['Tensor'] * len(desc.output_names))})"
   names, _ = _arguments(f"{NAMESPACE}::{desc.name}", fwd_schema)
   parsed = torch._C.parse_schema(f"{NAMESPACE}::{desc.name}{fwd_schema}")  # pylint: disable=protected-access
@@ -471,7 +481,11 @@ def build(desc: OpDesc) -> Ops:
   bwd_static = _function("bwd_static", bwd_names, [f"return _static({', '.join(names)})"],
                          _static=static)
   # A missing gradient is None (the kernel skips its term) or, for `zero_grads`, zeros.
-  zero = [f"if d{n} is None: d{n} = _zeros_like({n})" for n in desc.zero_grads]
+  zero_grads = desc.output_names[:1] if desc.zero_grads is None else desc.zero_grads
+  for n in (*desc.wrt, *desc.zeroed, *zero_grads):
+    if n not in names and n not in desc.output_names:
+      raise ValueError(f"{desc.name}: {n!r} is neither an argument nor an output")
+  zero = [f"if d{n} is None: d{n} = _zeros_like({n})" for n in zero_grads]
   bwd_operands = _function("bwd_operands", bwd_names, [
       *zero, f"return {_tuple([*exprs, *desc.output_names, *grad_names])}"],
                            _zeros_like=torch.zeros_like, **env)
