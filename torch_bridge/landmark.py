@@ -13,9 +13,6 @@ import torch
 from pallas_attn import landmark as jax_landmark
 from torch_bridge import _dlpack, _ops, compat
 
-_FWD_ARGS = "Tensor q, Tensor k, Tensor v, int n_prefix_q, float? sm_scale, int block_size"
-
-
 def _prepare(q, k, v, n_prefix_q, sm_scale, block_size):
   """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
   # is_mem is the public function's business (it checks the caller's); the ops take the pattern.
@@ -29,14 +26,10 @@ def _prepare(q, k, v, n_prefix_q, sm_scale, block_size):
   return spec, None  # (spec, tile configs: None = the defaults)
 
 
-def _fwd_outputs(q, *_):
-  b, h, sq, _ = q.shape
-  return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
-
-
 _LANDMARK = _ops.build(_ops.OpDesc(
-    "landmark_fwd", _FWD_ARGS, outputs=_fwd_outputs, output_names=("out", "lse"),
-    static=_ops.Spec(_prepare), operands=("q", "k", "v"),
+    "landmark_fwd", "Tensor q, Tensor k, Tensor v, int n_prefix_q, float? sm_scale, int block_size",
+    outputs=lambda q, *_: [(q.shape, q.dtype), (q.shape[:3], torch.float32)],
+    output_names=("out", "lse"), static=_ops.Spec(_prepare), operands=("q", "k", "v"),
     forward=_dlpack.Kernel(into=jax_landmark.forward_into, plain=jax_landmark.forward),
     backward=_dlpack.Kernel(into=jax_landmark.backward_into, plain=jax_landmark.backward),
     wrt=("q", "k", "v")))
