@@ -284,6 +284,19 @@ class Offsets:
     raise TypeError("cu_seqlens values are not part of the static configuration")
 
 
+def _params(fn) -> tuple[str, ...]:
+  """fn's named parameters (not *args / **kwargs)."""
+  return tuple(n for n, p in inspect.signature(fn).parameters.items()
+               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _signature(*groups) -> inspect.Signature:
+  """A signature of the names in `groups`, in order, each once."""
+  names = dict.fromkeys(n for g in groups for n in g)
+  return inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                            for n in names])
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """The kernel's static arguments, computed by the JAX face's own checks and cached.
@@ -303,35 +316,23 @@ class Spec:
 
   def extend(self, step: Callable[..., tuple], check: Callable[..., None] | None = None) -> Spec:
     """This spec followed by `step(static, *named arguments)`, for a family that extends another
-    with more arguments (its parameters after the first may name the base's arguments too);
+    with more arguments (step's parameters after the first may name the base's arguments too);
     `check` runs after the base's check."""
-    def merged(*fns):
-      params = {}
-      for fn, skip in fns:
-        for p in list(inspect.signature(fn).parameters.values())[skip:]:
-          params.setdefault(p.name, p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                              default=inspect.Parameter.empty))
-      return inspect.Signature(list(params.values()))
+    base, more = _params(self.prepare), _params(step)[1:]
 
-    def pick(fn, kw, skip=0):
-      return {n: kw[n] for n in list(inspect.signature(fn).parameters)[skip:]}
-
-    def prepare(**kw):
-      return step(self.prepare(**pick(self.prepare, kw)), **pick(step, kw, 1))
-    prepare.__signature__ = merged((self.prepare, 0), (step, 1))
-    both = self.check
-    if check is not None and self.check is not None:
-      def both(**kw):
-        self.check(**pick(self.check, kw))
-        check(**pick(check, kw))
-      both.__signature__ = merged((self.check, 0), (check, 0))
-    elif check is not None:
-      both = check
-    return Spec(prepare, self.host, self.offsets, both)
+    def prepare(**kw):  # runs on cache misses only
+      return step(self.prepare(**{n: kw[n] for n in base}), **{n: kw[n] for n in more})
+    prepare.__signature__ = _signature(base, more)
+    checks = [c for c in (self.check, check) if c is not None]
+    if len(checks) > 1:  # straight-line code: it runs on every call
+      names = _signature(*map(_params, checks)).parameters
+      body = [f"_c{i}({', '.join(_params(c))})" for i, c in enumerate(checks)]
+      checks = [_function("check", names, body, **{f"_c{i}": c for i, c in enumerate(checks)})]
+    return Spec(prepare, self.host, self.offsets, checks[0] if checks else None)
 
   def bind(self, names: Sequence[str], tensors: Sequence[int]) -> Callable[..., tuple]:
     """static(*args) over arguments named `names` (`tensors`: the tensor slots)."""
-    params = tuple(inspect.signature(self.prepare).parameters)
+    params = _params(self.prepare)
     t_slots = tuple(names.index(p) for p in params if names.index(p) in tensors)
     o_slots = tuple(names.index(p) for p in params if names.index(p) not in tensors)
     kinds = tuple(Offsets if names[i] in self.offsets else np.zeros if names[i] in self.host
@@ -348,7 +349,7 @@ class Spec:
     check = self.check
     body = []
     if check is not None:
-      body.append(f"_check({', '.join(f'{n}={n}' for n in inspect.signature(check).parameters)})")
+      body.append(f"_check({', '.join(_params(check))})")
     metas = _tuple(f"(None if {n} is None else ({n}.shape, {n}.dtype))" for n in t_names)
     body.append(f"return _cached({metas}, {_tuple(o_names)})")
     static = _function("static", names, body, _check=check, _cached=cached)
