@@ -17,6 +17,7 @@ import torch
 
 from pallas_attn import kvcache as jax_kvcache
 from torch_bridge import _dlpack, _ops, compat
+from torch_bridge.flash_attn import _window
 
 _TENSORS = ("q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
             "cache_batch_idx", "cache_leftpad", "block_table", "alibi_slopes")
@@ -103,12 +104,6 @@ def _host_values(x):
   if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not torch.compiler.is_compiling():
     return x.detach().numpy()
   return None
-
-
-def _window(window_size):
-  if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-    raise ValueError(f"window_size: expected a pair (left, right), got {window_size!r}")
-  return int(window_size[0]), int(window_size[1])
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
