@@ -1,9 +1,11 @@
 """torch custom ops computed by JAX kernels, with their fake implementations and autograd.
 
-A family declares an op by its schema, the outputs torch allocates, and how the arguments become the
-kernel's operands and static arguments. `kernel_op` turns that into a torch.library custom op (one
-opaque node for torch.compile); `differentiable` attaches autograd whose backward is another
-kernel op. Neither knows anything about attention.
+A family describes its ops once (`OpDesc`: the forward's arguments by name and kind, its output
+shapes, its static spec, the kernel's operands, the kernels, which arguments are differentiable) and
+`build` makes the rest: `kernel_op` turns each op into a torch.library custom op (one opaque node
+for torch.compile), the backward op's schema and adapters are derived from the forward's, and
+`differentiable` attaches autograd with the eager fast path. None of it knows anything about
+attention.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import operator
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 

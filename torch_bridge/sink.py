@@ -13,7 +13,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import torch
 
 from pallas_attn import flash, sink as jax_sink
