@@ -224,7 +224,7 @@ def test_outputs_are_torch_owned():
   path = _dlpack.output_path("cpu")
   assert path in ("aliased", "copy")
   q, k, v = (torch.randn(1, 16, 2, 32) for _ in range(3))
-  spec = bridge_fa._static(q, k, v, None, 0.0, None, False, -1, -1, 0.0)
+  spec = bridge_fa._FLASH.static(q, k, v, None, 0.0, None, False, -1, -1, 0.0, None)
   out = torch.full_like(q, float("nan"))
   lse = torch.full((1, 2, 16), float("nan"))
   ptrs = out.data_ptr(), lse.data_ptr()
@@ -241,7 +241,7 @@ def test_aliased_path_falls_back_when_the_runtime_copies(monkeypatch):
   import pallas_attn.flash as flash
   monkeypatch.setitem(_dlpack._PATHS, "cpu", "aliased")  # pylint: disable=protected-access
   q, k, v = (torch.randn(1, 16, 2, 32) for _ in range(3))
-  spec = bridge_fa._static(q, k, v, None, 0.0, None, False, -1, -1, 0.0)
+  spec = bridge_fa._FLASH.static(q, k, v, None, 0.0, None, False, -1, -1, 0.0, None)
   out, lse = torch.full_like(q, float("nan")), torch.full((1, 2, 16), float("nan"))
   _dlpack.run(_dlpack.Kernel(flash.forward_into, flash.forward), (q, k, v, None), (out, lse), spec)
   assert _dlpack._PATHS["cpu"] == "copy"  # pylint: disable=protected-access
@@ -464,7 +464,7 @@ def test_cuda_zero_copy_and_output_path():
   assert a.unsafe_buffer_pointer() == t.data_ptr(), "inputs must cross zero-copy"
   assert {d.platform for d in a.devices()} == {"gpu"}
   q, k, v = _cuda_inputs(1, 128, 4, 64)
-  spec = bridge_fa._static(q, k, v, None, 0.0, None, True, -1, -1, 0.0)
+  spec = bridge_fa._FLASH.static(q, k, v, None, 0.0, None, True, -1, -1, 0.0, None)
   out = torch.full_like(q, float("nan"))
   lse = torch.full((1, 4, 128), float("nan"), device="cuda")
   ptrs = out.data_ptr(), lse.data_ptr()
@@ -511,7 +511,7 @@ def test_cuda_parity(case):
 def _naive_handoff(q, k, v):
   """What the bridge must not do: hand torch JAX's own result buffer (for the control test)."""
   from pallas_attn import flash
-  spec, cfgs = bridge_fa._static(q, k, v, None, 0.0, None, False, -1, -1, 0.0)
+  spec, cfgs = bridge_fa._FLASH.static(q, k, v, None, 0.0, None, False, -1, -1, 0.0, None)
   arrays = [_dlpack.to_jax(x) for x in (q, k, v)]
   out, _ = flash.forward(*arrays, None, spec, cfgs)
   return torch.from_dlpack(out)

@@ -456,9 +456,9 @@ def test_sink_kernels_write_every_output_in_place():
   # back to copying for every later call: dsink, which pallas_attn's backward does not write in place,
   # must be aliased by the sink kernel's own donation. XLA's CPU client honours donation of JAX-owned
   # buffers, so this is checked here.
-  spec, cfgs = bridge_sink._sink_spec(bridge_fa._static(
+  spec, cfgs = bridge_sink._DENSE.static(
       torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 1, 16), torch.zeros(1, 16, 1, 16), None, 0.0,
-      None, True, -1, -1, 0.0), (1, 16, 2, 16), (1, 16, 2, 2), torch.float32, "ssh", False)
+      None, True, -1, -1, 0.0, None, torch.zeros(1, 16, 2, 2), "ssh")
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q = jax.random.normal(ks[0], (1, 16, 2, 16))
   k, v = (jax.random.normal(kk, (1, 16, 1, 16)) for kk in ks[1:3])

@@ -1,16 +1,23 @@
 """torch custom ops computed by JAX kernels, with their fake implementations and autograd.
 
-A family declares an op by its schema, the outputs torch allocates, and how the arguments become the
-kernel's operands and static arguments. `kernel_op` turns that into a torch.library custom op (one
-opaque node for torch.compile); `differentiable` attaches autograd whose backward is another
-kernel op. Neither knows anything about attention.
+A family describes its ops once (`OpDesc`: the forward's arguments by name and kind, its output
+shapes, its static spec, the kernel's operands, the kernels, which arguments are differentiable) and
+`build` makes the rest: `kernel_op` turns each op into a torch.library custom op (one opaque node
+for torch.compile), the backward op's schema and adapters are derived from the forward's, and
+`differentiable` attaches autograd with the eager fast path. None of it knows anything about
+attention.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
+import jax
+import numpy as np
 import torch
 
 from torch_bridge import _dlpack
@@ -248,3 +255,245 @@ def differentiable(fwd, bwd, *, wrt: Sequence[str]) -> Callable[..., Any]:
       return fwd_op(*args)
 
   return call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Families: a forward op, its backward op and autograd from one description
+
+
+def require_tensor(name: str, x, layout: str, optional: bool = False) -> None:
+  """TypeError naming the argument unless x is a tensor (or None, when optional)."""
+  if not isinstance(x, torch.Tensor) and not (optional and x is None):
+    raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Offsets:
+  """An index tensor as a cached spec sees it: shape and dtype only.
+
+  Its values never key a compiled kernel, so the JAX face's checks must treat it as they treat a
+  tracer under jit: numpy conversion fails, and the value checks are skipped.
+  """
+  shape: tuple
+  dtype: Any
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __array__(self, *_, **__):
+    raise TypeError("cu_seqlens values are not part of the static configuration")
+
+
+def _params(fn) -> tuple[str, ...]:
+  """fn's named parameters (not *args / **kwargs)."""
+  return tuple(n for n, p in inspect.signature(fn).parameters.items()
+               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _signature(*groups) -> inspect.Signature:
+  """A signature of the names in `groups`, in order, each once."""
+  names = dict.fromkeys(n for g in groups for n in g)
+  return inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                            for n in names])
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The kernel's static arguments, computed by the JAX face's own checks and cached.
+
+  prepare's parameters are forward-argument names. Tensors arrive as stand-ins of their shape and
+  dtype: jax.ShapeDtypeStruct, numpy zeros for the names in `host` (checks that read values see
+  zeros), `Offsets` for the names in `offsets`; None stays None; everything else arrives as it is.
+  prepare returns the static arguments (a hashable tuple). The cache is keyed by torch shapes,
+  dtypes and the other arguments, so a call that hits it costs one dict lookup.
+  check: parameters named the same way, run on every call before prepare, for what the cache does
+  not see (the dropout seed's presence, a dtype error worded with torch's names).
+  """
+  prepare: Callable[..., tuple]
+  host: Sequence[str] = ()
+  offsets: Sequence[str] = ()
+  check: Callable[..., None] | None = None
+
+  def extend(self, step: Callable[..., tuple], check: Callable[..., None] | None = None) -> Spec:
+    """This spec followed by `step(static, *named arguments)`, for a family that extends another
+    with more arguments (step's parameters after the first may name the base's arguments too);
+    `check` runs after the base's check."""
+    base, more = _params(self.prepare), _params(step)[1:]
+
+    def prepare(**kw):  # runs on cache misses only
+      return step(self.prepare(**{n: kw[n] for n in base}), **{n: kw[n] for n in more})
+    prepare.__signature__ = _signature(base, more)
+    checks = [c for c in (self.check, check) if c is not None]
+    if len(checks) > 1:  # straight-line code: it runs on every call
+      names = _signature(*map(_params, checks)).parameters
+      body = [f"_c{i}({', '.join(_params(c))})" for i, c in enumerate(checks)]
+      checks = [_function("check", names, body, **{f"_c{i}": c for i, c in enumerate(checks)})]
+    return Spec(prepare, self.host, self.offsets, checks[0] if checks else None)
+
+  def bind(self, names: Sequence[str], tensors: Sequence[int]) -> Callable[..., tuple]:
+    """static(*args) over arguments named `names` (`tensors`: the tensor slots)."""
+    params = _params(self.prepare)
+    t_slots = tuple(names.index(p) for p in params if names.index(p) in tensors)
+    o_slots = tuple(names.index(p) for p in params if names.index(p) not in tensors)
+    kinds = tuple(Offsets if names[i] in self.offsets else np.zeros if names[i] in self.host
+                  else jax.ShapeDtypeStruct for i in t_slots)
+    t_names, o_names = tuple(names[i] for i in t_slots), tuple(names[i] for i in o_slots)
+
+    @functools.lru_cache(maxsize=1024)
+    def cached(metas, others):
+      kw = dict(zip(o_names, others))
+      for name, kind, meta in zip(t_names, kinds, metas):
+        kw[name] = None if meta is None else kind(tuple(meta[0]), _dlpack.jax_dtype(name, meta[1]))
+      return self.prepare(**kw)
+
+    check = self.check
+    body = []
+    if check is not None:
+      body.append(f"_check({', '.join(_params(check))})")
+    metas = _tuple(f"(None if {n} is None else ({n}.shape, {n}.dtype))" for n in t_names)
+    body.append(f"return _cached({metas}, {_tuple(o_names)})")
+    static = _function("static", names, body, _check=check, _cached=cached)
+    static.cache = cached
+    return static
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDesc:
+  """One family's ops: the forward op `pallas_attn::{name}` and, with a backward kernel, its
+  backward op (the name with `_fwd` replaced by `_bwd`, or `_bwd` appended).
+
+  args: the forward's arguments in torch schema syntax (names and kinds).
+  outputs(*args): (shape, dtype) of each forward output; shape arithmetic only (runs on fake
+    tensors). output_names: their names in the backward's schema (gradients are "d" + name).
+  static: a Spec, or any function of the arguments that validates them and returns the kernel's
+    static arguments (cached: it runs on every call).
+  operands: the kernel's operands in order: an argument name, None (absent), or (fn, *names) for
+    fn(*those arguments), e.g. a torch view the kernel wants.
+  forward / backward: the kernels (`_dlpack.run`'s convention). The backward kernel takes the
+    forward's operands, the forward's outputs, then their gradients, and returns the gradients of
+    the arguments named in `wrt`, shaped and typed as those arguments.
+  zero_grads: outputs whose missing gradient is handed to the kernel as zeros (others as None);
+    default the first output.
+  zeroed: names in `wrt` whose gradient buffers torch allocates zero-filled.
+  forward_only: without a backward kernel, the NotImplementedError a backward through the op raises.
+  """
+  name: str
+  args: str
+  outputs: Callable[..., OutputSpec]
+  static: Spec | Callable[..., tuple]
+  operands: Sequence[Any]
+  forward: _dlpack.Kernel
+  backward: _dlpack.Kernel | None = None
+  wrt: Sequence[str] = ()
+  output_names: Sequence[str] = ("out", "softmax_lse")
+  zero_grads: Sequence[str] | None = None
+  zeroed: Sequence[str] = ()
+  forward_only: str | None = None
+
+
+class Ops(NamedTuple):
+  """What `build` returns: the ops, the function the public API calls, and the argument helpers."""
+  fwd: Any  # the forward kernel op
+  bwd: Any  # the backward kernel op (None for forward-only families)
+  call: Callable[..., Any]  # the forward with autograd and the eager fast path
+  static: Callable[..., tuple]  # static(*forward args)
+  operands: Callable[..., tuple]  # operands(*forward args)
+
+
+def _function(name: str, params: Sequence[str], body: Sequence[str], **env) -> Callable[..., Any]:
+  """A function `name(*params)` with the statements `body`, over the globals `env`.
+
+  The per-call adapters (static arguments, operands) are generated from the descriptions as the
+  straight-line code one would write by hand, so the description costs no host time per call.
+  """
+  params = tuple(params) + ("*_",)  # trailing arguments (a backward's forward outputs) are ignored
+  src = f"def {name}({', '.join(params)}):\n" + "".join(f"  {line}\n" for line in body)
+  scope: dict[str, Any] = {}
+  exec(compile(src, f"<torch_bridge._ops {name}>", "exec"), dict(env), scope)  # pylint: disable=exec-used
+  return scope[name]
+
+
+def _tuple(items) -> str:
+  return "(" + "".join(f"{x}, " for x in items) + ")"
+
+
+def _operand_exprs(names: Sequence[str], operands: Sequence[Any]) -> tuple[list[str], dict]:
+  """An OpDesc's `operands` as expressions over the arguments `names`, and the functions they call."""
+  exprs, env = [], {}
+  for o in operands:
+    if o is None or isinstance(o, str):
+      if o is not None and o not in names:
+        raise ValueError(f"operands: {o!r} is not an argument ({names})")
+      exprs.append(str(o))
+    else:
+      fn, *using = o
+      if not all(n in names for n in using):
+        raise ValueError(f"operands: {using} are not all arguments ({names})")
+      env[f"_f{len(env)}"] = fn
+      exprs.append(f"_f{len(env) - 1}({', '.join(using)})")
+  return exprs, env
+
+
+FAMILIES: dict[str, tuple[OpDesc, Ops]] = {}  # forward op name -> its description and ops (tests)
+
+
+def build(desc: OpDesc) -> Ops:
+  """The ops `desc` describes, with autograd (see `differentiable`) when it has a backward."""
+  ops = _build(desc)
+  FAMILIES[desc.name] = (desc, ops)
+  return ops
+
+
+def _build(desc: OpDesc) -> Ops:
+  fwd_schema = f"({desc.args}) -> ({', '.join(['Tensor'] * len(desc.output_names))})"
+  names, _ = _arguments(f"{NAMESPACE}::{desc.name}", fwd_schema)
+  parsed = torch._C.parse_schema(f"{NAMESPACE}::{desc.name}{fwd_schema}")  # pylint: disable=protected-access
+  tensors = tuple(i for i, a in enumerate(parsed.arguments) if "Tensor" in str(a.type))  # optional too
+  static = desc.static.bind(names, tensors) if isinstance(desc.static, Spec) else desc.static
+  exprs, env = _operand_exprs(names, desc.operands)
+  operands = _function("operands", names, [f"return {_tuple(exprs)}"], **env)
+  fwd = kernel_op(desc.name, fwd_schema, kernel=desc.forward, outputs=desc.outputs,
+                  static=static, operands=operands)
+  if desc.backward is None:
+    message = desc.forward_only or f"{desc.name}: forward-only, it has no backward"
+
+    def forward_only(ctx, *grads):
+      del ctx, grads
+      raise NotImplementedError(message)
+
+    # Inputs that require grad still get a forward; only an actual backward through it fails.
+    torch.library.register_autograd(fwd, forward_only)
+    direct = eager(fwd)
+
+    def call(*args):
+      if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
+        return fwd(*args)  # recorded, so that a backward raises `message`
+      return direct(*args)
+    return Ops(fwd, None, call, static, operands)
+
+  grads = ", ".join(f"Tensor? d{n}" for n in desc.output_names)
+  outs = ", ".join(f"Tensor {n}" for n in desc.output_names)
+  bwd_schema = f"({grads}, {desc.args}, {outs}) -> ({', '.join(['Tensor'] * len(desc.wrt))})"
+
+  grad_names = tuple(f"d{n}" for n in desc.output_names)
+  bwd_names = (*grad_names, *names, *desc.output_names)
+  bwd_outputs = _function("bwd_outputs", bwd_names, [
+      f"return {_tuple(f'({n}.shape, {n}.dtype)' for n in desc.wrt)}"])
+  bwd_static = _function("bwd_static", bwd_names, [f"return _static({', '.join(names)})"],
+                         _static=static)
+  # A missing gradient is None (the kernel skips its term) or, for `zero_grads`, zeros.
+  zero_grads = desc.output_names[:1] if desc.zero_grads is None else desc.zero_grads
+  for n in (*desc.wrt, *desc.zeroed, *zero_grads):
+    if n not in names and n not in desc.output_names:
+      raise ValueError(f"{desc.name}: {n!r} is neither an argument nor an output")
+  zero = [f"if d{n} is None: d{n} = _zeros_like({n})" for n in zero_grads]
+  bwd_operands = _function("bwd_operands", bwd_names, [
+      *zero, f"return {_tuple([*exprs, *desc.output_names, *grad_names])}"],
+                           _zeros_like=torch.zeros_like, **env)
+
+  base = desc.name[:-4] if desc.name.endswith("_fwd") else desc.name
+  bwd = kernel_op(f"{base}_bwd", bwd_schema, kernel=desc.backward, outputs=bwd_outputs,
+                  static=bwd_static, operands=bwd_operands,
+                  zeroed=tuple(desc.wrt.index(n) for n in desc.zeroed))
+  return Ops(fwd, bwd, differentiable(fwd, bwd, wrt=desc.wrt), static, operands)

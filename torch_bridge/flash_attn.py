@@ -24,17 +24,9 @@ _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float dropout_
              "bool causal, int window_left, int window_right, float softcap, Tensor? seed")
 
 
-@functools.lru_cache(maxsize=1024)
-def _spec(shapes, dtypes, dropout_p, softmax_scale, causal, window_left, window_right, softcap):
-  """The kernel spec of one static configuration, validated by pallas_attn's own checks.
-
-  Keyed by torch shapes and dtypes, so a call that hits the cache costs one dict lookup.
-  """
-  names = ("q", "k", "v", "alibi_slopes")
-  metas = [None if s is None else (tuple(s), _dlpack.jax_dtype(n, d))
-           for n, s, d in zip(names, shapes, dtypes)]
-  q, k, v = (jax.ShapeDtypeStruct(*m) for m in metas[:3])
-  alibi_slopes = None if metas[3] is None else np.zeros(*metas[3])
+def _prepare(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
+             softcap):
+  """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
   spec, _ = jax_flash_attn.prepare(q, k, v, dropout_p, softmax_scale, causal,
                                    (window_left, window_right), softcap, alibi_slopes)
   return spec, None  # (spec, tile configs: None = the tuned table)
@@ -49,22 +41,20 @@ def check_seed(dropout_p, seed):
                     f"{tuple(seed.shape)}")
 
 
+def check_s_dmask(dropout_p, seed):
+  """The S_dmask ops' arguments: only with dropout (there is no mask without it)."""
+  if not dropout_p > 0 or seed is None:
+    raise ValueError(f"dropout_p: S_dmask exists only with dropout (dropout_p > 0 and a seed), got "
+                     f"dropout_p={dropout_p!r}")
+  check_seed(dropout_p, seed)
+
+
 def dropout_seed(dropout_p, device):
   """The kernels' int32 (1,) seed drawn from torch's default generator for `device` (None without
   dropout). Drawn as a tensor on the device, so neither a host sync nor a torch.compile graph break."""
   if not dropout_p > 0:
     return None
   return torch.randint(-2 ** 31, 2 ** 31, (1,), dtype=torch.int64, device=device).to(torch.int32)
-
-
-def _static(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
-            softcap, seed=None, *_):
-  tensors = (q, k, v, alibi_slopes)
-  static = _spec(tuple(None if t is None else t.shape for t in tensors),
-                 tuple(None if t is None else t.dtype for t in tensors),
-                 dropout_p, softmax_scale, causal, window_left, window_right, softcap)
-  check_seed(dropout_p, seed)
-  return static
 
 
 def _alibi_rows(alibi_slopes, q):
@@ -78,10 +68,6 @@ def _alibi_rows(alibi_slopes, q):
 def _fwd_outputs(q, *_):
   b, sq, h, _ = q.shape
   return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
-
-
-def _fwd_operands(q, k, v, alibi_slopes, *rest):
-  return q, k, v, _alibi_rows(alibi_slopes, q), rest[-1]  # the seed ends the arguments
 
 
 # pallas_attn.flash takes the seed after its static arguments; these put it in the bridge's order
@@ -103,35 +89,14 @@ def _backward(q, k, v, alibi, seed, out, lse, dout, dlse, kernel_spec, cfgs):
   return flash.backward(q, k, v, alibi, out, lse, dout, dlse, kernel_spec, cfgs, None, None, seed)
 
 
-_fwd = _ops.kernel_op(
-    "flash_attn_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=_forward_into, plain=_forward),
-    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
-
-
-def _bwd_outputs(dout, dlse, q, k, v, *_):
-  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype)]
-
-
-def _bwd_static(dout, dlse, *args):
-  return _static(*args)
-
-
-def _bwd_operands(dout, dlse, q, k, v, alibi_slopes, *rest):
-  seed, out, lse = rest[-3:]
-  if dout is None:  # only lse was used downstream
-    dout = torch.zeros_like(out)
-  return q, k, v, _alibi_rows(alibi_slopes, q), seed, out, lse, dout, dlse
-
-
-_bwd = _ops.kernel_op(
-    "flash_attn_bwd",
-    f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
-    "-> (Tensor, Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=_backward_into, plain=_backward),
-    outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
-
-_attention_op = _ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
+FLASH = _ops.OpDesc(
+    "flash_attn_fwd", _FWD_ARGS, outputs=_fwd_outputs,
+    static=_ops.Spec(_prepare, host=("alibi_slopes",), check=check_seed),
+    operands=("q", "k", "v", (_alibi_rows, "alibi_slopes", "q"), "seed"),
+    forward=_dlpack.Kernel(into=_forward_into, plain=_forward),
+    backward=_dlpack.Kernel(into=_backward_into, plain=_backward), wrt=("q", "k", "v"))
+_FLASH = _ops.build(FLASH)
+_attention_op = _FLASH.call
 
 
 # S_dmask: the forward op's arguments after its lse; computed by pallas_attn's own s_dmask (the
@@ -154,27 +119,14 @@ def _s_dmask_outputs(lse, q, k, *_):
   return [((b, h, sq, k.shape[1]), q.dtype)]
 
 
-def _s_dmask_static(lse, *args):
-  dropout_p, seed = args[4], args[10]
-  if not dropout_p > 0 or seed is None:
-    raise ValueError(f"dropout_p: S_dmask exists only with dropout (dropout_p > 0 and a seed), got "
-                     f"dropout_p={dropout_p!r}")
-  return _static(*args)
+_s_dmask_op = _ops.build(_ops.OpDesc(
+    "flash_attn_s_dmask", f"Tensor softmax_lse, {_FWD_ARGS}", outputs=_s_dmask_outputs,
+    output_names=("S_dmask",),
+    static=_ops.Spec(_prepare, host=("alibi_slopes",), check=check_s_dmask),
+    operands=("q", "k", (_alibi_rows, "alibi_slopes", "q"), "softmax_lse", "seed"),
+    forward=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask))).call
 
 
-def _s_dmask_operands(lse, q, k, v, alibi_slopes, *rest):
-  return q, k, _alibi_rows(alibi_slopes, q), lse, rest[-1]
-
-
-_s_dmask_op = _ops.kernel_op(
-    "flash_attn_s_dmask", f"(Tensor softmax_lse, {_FWD_ARGS}) -> Tensor",
-    kernel=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask),
-    outputs=_s_dmask_outputs, static=_s_dmask_static, operands=_s_dmask_operands)
-
-
-def _require_tensor(name, x, layout):
-  if not isinstance(x, torch.Tensor):
-    raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
 
 
 def _window(window_size):
@@ -205,11 +157,11 @@ def attn_probs(op, lse, args):
 
 def op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
   """The forward op's arguments after the public checks, with a freshly drawn dropout seed."""
-  _require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
-  _require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
-  _require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(batch, seqlen_k, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(batch, seqlen_k, nheads_k, headdim)")
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
   dropout_p = float(dropout_p)
   return (q, k, v, alibi_slopes, dropout_p, None if softmax_scale is None else float(softmax_scale),
@@ -327,7 +279,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
   The gradient of qkv comes back as one (batch, seqlen, 3, nheads, headdim) tensor.
   """
   del deterministic
-  _require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)")
+  _ops.require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)")
   if qkv.dim() != 5 or qkv.shape[2] != 3:
     raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
   q, k, v = qkv.unbind(2)
@@ -340,7 +292,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              deterministic=False, return_attn_probs=False):
   """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) stacked; same arguments and returns."""
   del deterministic
-  _require_tensor("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)")
+  _ops.require_tensor("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)")
   if kv.dim() != 5 or kv.shape[2] != 2:
     raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   k, v = kv.unbind(2)

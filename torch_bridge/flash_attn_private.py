@@ -46,7 +46,7 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_l
                         softcap, alibi_slopes, return_softmax):
   args = dense.op_args(q, k, v, dropout_p, softmax_scale, causal, (window_size_left, window_size_right),
                        softcap, alibi_slopes)
-  out, lse = dense._fwd(*args)  # pylint: disable=protected-access
+  out, lse = dense._FLASH.fwd(*args)  # pylint: disable=protected-access
   s_dmask = (dense.attn_probs(dense._s_dmask_op, lse, args) if return_softmax  # pylint: disable=protected-access
              else torch.empty(0, dtype=q.dtype, device=q.device))
   return out, lse, s_dmask, _rng_state(args[-1], q.device)
@@ -60,7 +60,7 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
   args = list(dense.op_args(q, k, v, 0.0, softmax_scale, causal, (window_size_left, window_size_right),
                             softcap, alibi_slopes))
   args[4], args[-1] = float(dropout_p), _seed(float(dropout_p), rng_state)
-  grads = dense._bwd(dout, None, *args, out, softmax_lse)  # pylint: disable=protected-access
+  grads = dense._FLASH.bwd(dout, None, *args, out, softmax_lse)  # pylint: disable=protected-access
   for name, dst, src in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
     _write(dst, src, name)
   return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
@@ -84,7 +84,7 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
   args = varlen.op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                         softmax_scale, causal, (window_size_left, window_size_right), softcap,
                         alibi_slopes, None)
-  out, lse = varlen._fwd(*args)  # pylint: disable=protected-access
+  out, lse = varlen._VARLEN.fwd(*args)  # pylint: disable=protected-access
   s_dmask = (dense.attn_probs(varlen._s_dmask_op, lse, args) if return_softmax  # pylint: disable=protected-access
              else torch.empty(0, dtype=q.dtype, device=q.device))
   return out, lse, s_dmask, _rng_state(args[-1], q.device)
@@ -100,7 +100,7 @@ def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_
                              softmax_scale, causal, (window_size_left, window_size_right), softcap,
                              alibi_slopes, None))
   args[8], args[-1] = float(dropout_p), _seed(float(dropout_p), rng_state)
-  grads = varlen._bwd(dout, None, *args, out, softmax_lse)  # pylint: disable=protected-access
+  grads = varlen._VARLEN.bwd(dout, None, *args, out, softmax_lse)  # pylint: disable=protected-access
   for name, dst, src in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
     _write(dst, src, name)
   return (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()

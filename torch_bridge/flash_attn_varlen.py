@@ -11,9 +11,7 @@ column) with rows and columns counted within the sequence.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import numpy as np
@@ -22,59 +20,21 @@ import torch
 from pallas_attn import checks, flash
 from pallas_attn.flash_attn_varlen import _check_block_table, prepare_varlen, s_dmask_varlen
 from torch_bridge import _buckets, _dlpack, _ops, compat
-from torch_bridge.flash_attn import _require_tensor, _window, attn_probs, check_seed, dropout_seed
+from torch_bridge.flash_attn import _window, attn_probs, check_s_dmask, check_seed, dropout_seed
+
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
             "int max_seqlen_k, Tensor? alibi_slopes, float dropout_p, float? softmax_scale, bool causal, "
             "int window_left, int window_right, float softcap, Tensor? seed")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Offsets:
-  """cu_seqlens as the cached spec sees them: shape and dtype only.
-
-  Their values never key a compiled kernel, so pallas_attn's checks must treat them as they treat
-  a tracer under jit: numpy conversion fails, and the value checks are skipped.
-  """
-  shape: tuple
-  dtype: Any
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  def __array__(self, *_, **__):
-    raise TypeError("cu_seqlens values are not part of the static configuration")
-
-
-@functools.lru_cache(maxsize=1024)
-def _spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
-          window_right, softcap):
-  """The kernel spec of one static configuration, validated by pallas_attn's own checks.
-
-  shapes/dtypes: of (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes), None where absent.
-  """
-  names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
-  metas = [None if s is None else (tuple(s), _dlpack.jax_dtype(n, d))
-           for n, s, d in zip(names, shapes, dtypes)]
-  q, k, v = (jax.ShapeDtypeStruct(*m) for m in metas[:3])
-  cu_q, cu_k = (_Offsets(*m) for m in metas[3:5])
-  alibi_slopes = None if metas[5] is None else np.zeros(*metas[5])
-  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                     softmax_scale, causal, (window_left, window_right), softcap,
-                                     alibi_slopes)
+def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
+             softmax_scale, causal, window_left, window_right, softcap):
+  """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
+  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     dropout_p, softmax_scale, causal, (window_left, window_right),
+                                     softcap, alibi_slopes)
   return kernel_spec, None  # (spec, tile configs: None = the tuned table)
-
-
-def _static(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, dropout_p,
-            softmax_scale, causal, window_left, window_right, softcap, seed=None, *_):
-  tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
-  static = _spec(tuple(None if t is None else t.shape for t in tensors),
-                 tuple(None if t is None else t.dtype for t in tensors),
-                 max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
-                 window_right, softcap)
-  check_seed(dropout_p, seed)
-  return static
 
 
 def _alibi_rows(alibi_slopes, q, cu_seqlens_q):
@@ -84,31 +44,12 @@ def _alibi_rows(alibi_slopes, q, cu_seqlens_q):
   return alibi_slopes.expand(cu_seqlens_q.shape[0] - 1, q.shape[1]).unsqueeze(-1)
 
 
+_ALIBI = (_alibi_rows, "alibi_slopes", "q", "cu_seqlens_q")
+
+
 def _fwd_outputs(q, *_):
   total, h, _ = q.shape
   return [(q.shape, q.dtype), ((h, total), torch.float32)]
-
-
-def _fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
-  # The seed ends the arguments.
-  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, rest[-1]
-
-
-def _bwd_outputs(dout, dlse, q, k, v, *_):
-  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype)]
-
-
-def _bwd_static(dout, dlse, *args):
-  return _static(*args)
-
-
-def _bwd_operands(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes,
-                 *rest):
-  seed, out, lse = rest[-3:]
-  if dout is None:  # only lse was used downstream
-    dout = torch.zeros_like(out)
-  return (q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, seed, out,
-          lse, dout, dlse)
 
 
 # pallas_attn.flash takes the offsets and the seed after its static arguments; these put them in the
@@ -132,19 +73,15 @@ def _backward(q, k, v, alibi, cu_q, cu_k, seed, out, lse, dout, dlse, kernel_spe
                         seed)
 
 
-_fwd = _ops.kernel_op(
-    "flash_attn_varlen_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=_forward_into, plain=_forward),
-    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
-
-_bwd = _ops.kernel_op(
-    "flash_attn_varlen_bwd",
-    f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
-    "-> (Tensor, Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=_backward_into, plain=_backward),
-    outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
-
-_varlen_op = _ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
+_OFFSETS = ("cu_seqlens_q", "cu_seqlens_k")
+VARLEN = _ops.OpDesc(
+    "flash_attn_varlen_fwd", _FWD_ARGS, outputs=_fwd_outputs,
+    static=_ops.Spec(_prepare, host=("alibi_slopes",), offsets=_OFFSETS, check=check_seed),
+    operands=("q", "k", "v", _ALIBI, "cu_seqlens_q", "cu_seqlens_k", "seed"),
+    forward=_dlpack.Kernel(into=_forward_into, plain=_forward),
+    backward=_dlpack.Kernel(into=_backward_into, plain=_backward), wrt=("q", "k", "v"))
+_VARLEN = _ops.build(VARLEN)
+_varlen_op = _VARLEN.call
 
 
 # S_dmask: the forward op's arguments after its lse, computed by pallas_attn's s_dmask_varlen.
@@ -160,28 +97,21 @@ def _s_dmask_into(q, k, alibi, cu_q, cu_k, lse, seed, out, kernel_spec, max_q, m
   return (s_dmask_varlen(q, k, lse, cu_q, cu_k, max_q, max_k, kernel_spec, alibi, seed),)
 
 
+@functools.wraps(_prepare)
+def _s_dmask_prepare(**kw):
+  return _prepare(**kw)[0], kw["max_seqlen_q"], kw["max_seqlen_k"]  # the unbucketed bounds size it
+
+
 def _s_dmask_outputs(lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_):
   return [((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k), q.dtype)]
 
 
-def _s_dmask_static(lse, *args):
-  dropout_p, seed = args[8], args[14]
-  if not dropout_p > 0 or seed is None:
-    raise ValueError(f"dropout_p: S_dmask exists only with dropout (dropout_p > 0 and a seed), got "
-                     f"dropout_p={dropout_p!r}")
-  kernel_spec, _ = _static(*args)
-  return kernel_spec, args[5], args[6]  # the unbucketed max_seqlen_q/k size S_dmask
-
-
-def _s_dmask_operands(lse, q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
-  return (q, k, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, lse,
-          rest[-1])
-
-
-_s_dmask_op = _ops.kernel_op(
-    "flash_attn_varlen_s_dmask", f"(Tensor softmax_lse, {_FWD_ARGS}) -> Tensor",
-    kernel=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask),
-    outputs=_s_dmask_outputs, static=_s_dmask_static, operands=_s_dmask_operands)
+_s_dmask_op = _ops.build(_ops.OpDesc(
+    "flash_attn_varlen_s_dmask", f"Tensor softmax_lse, {_FWD_ARGS}", outputs=_s_dmask_outputs,
+    output_names=("S_dmask",),
+    static=_ops.Spec(_s_dmask_prepare, host=("alibi_slopes",), offsets=_OFFSETS, check=check_s_dmask),
+    operands=("q", "k", _ALIBI, "cu_seqlens_q", "cu_seqlens_k", "softmax_lse", "seed"),
+    forward=_dlpack.Kernel(into=_s_dmask_into, plain=_s_dmask))).call
 
 
 # Paged keys/values (block_table): forward only and without dropout, so no seed and no backward op.
@@ -190,34 +120,12 @@ _PAGED_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seq
                "float? softmax_scale, bool causal, int window_left, int window_right, float softcap")
 
 
-@functools.lru_cache(maxsize=1024)
-def _paged_spec(shapes, dtypes, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                window_right, softcap):
-  """_spec for paged k/v; shapes/dtypes of (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table,
-  alibi_slopes)."""
-  names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "block_table", "alibi_slopes")
-  metas = [None if s is None else (tuple(s), _dlpack.jax_dtype(n, d))
-           for n, s, d in zip(names, shapes, dtypes)]
-  q, k, v = (jax.ShapeDtypeStruct(*m) for m in metas[:3])
-  cu_q, cu_k, table = (_Offsets(*m) for m in metas[3:6])
-  alibi_slopes = None if metas[6] is None else np.zeros(*metas[6])
-  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0,
-                                     softmax_scale, causal, (window_left, window_right), softcap,
-                                     alibi_slopes, table)
+def _paged_prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
+                   alibi_slopes, softmax_scale, causal, window_left, window_right, softcap):
+  kernel_spec, _, _ = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     0.0, softmax_scale, causal, (window_left, window_right), softcap,
+                                     alibi_slopes, block_table)
   return kernel_spec, None
-
-
-def _paged_static(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
-                  alibi_slopes, *rest):
-  tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes)
-  return _paged_spec(tuple(None if t is None else t.shape for t in tensors),
-                     tuple(None if t is None else t.dtype for t in tensors),
-                     max_seqlen_q, max_seqlen_k, *rest)
-
-
-def _paged_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, _max_q, _max_k, alibi_slopes,
-                    *_):
-  return q, k, v, _alibi_rows(alibi_slopes, q, cu_seqlens_q), cu_seqlens_q, cu_seqlens_k, block_table
 
 
 def _paged_forward_into(q, k, v, alibi, cu_q, cu_k, table, out, lse, kernel_spec, cfgs):
@@ -228,21 +136,15 @@ def _paged_forward(q, k, v, alibi, cu_q, cu_k, table, kernel_spec, cfgs):
   return flash.forward(q, k, v, alibi, kernel_spec, cfgs, None, (cu_q, cu_k, table))
 
 
-_paged_fwd = _ops.kernel_op(
-    "flash_attn_varlen_paged_fwd", f"({_PAGED_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=_paged_forward_into, plain=_paged_forward),
-    outputs=_fwd_outputs, static=_paged_static, operands=_paged_operands)
-
-
-def _paged_backward(ctx, *grads):
-  del ctx, grads
-  raise NotImplementedError("block_table: paged keys/values are forward-only, as in flash-attn; "
-                            "run the paged call under torch.no_grad() or without block_table")
-
-
 # Inputs that require grad still get a forward (flash-attn's paged path works in eval code that
 # forgot no_grad); only an actual backward through it fails, and says why.
-torch.library.register_autograd(_paged_fwd, _paged_backward)
+_paged_fwd = _ops.build(_ops.OpDesc(
+    "flash_attn_varlen_paged_fwd", _PAGED_ARGS, outputs=_fwd_outputs,
+    static=_ops.Spec(_paged_prepare, host=("alibi_slopes",), offsets=(*_OFFSETS, "block_table")),
+    operands=("q", "k", "v", _ALIBI, "cu_seqlens_q", "cu_seqlens_k", "block_table"),
+    forward=_dlpack.Kernel(into=_paged_forward_into, plain=_paged_forward),
+    forward_only="block_table: paged keys/values are forward-only, as in flash-attn; run the paged "
+                 "call under torch.no_grad() or without block_table")).call
 
 
 def _require_offsets(name, cu):
@@ -283,9 +185,9 @@ def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
   names: the caller's argument names ((cu_q, max_q), (cu_k, max_k)); the packed-qkv form has
   a single cu_seqlens and max_seqlen.
   """
-  _require_tensor("q", q, "(total_q, nheads, headdim)")
-  _require_tensor("k", k, "(total_k, nheads_k, headdim)")
-  _require_tensor("v", v, "(total_k, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(total_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(total_k, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(total_k, nheads_k, headdim)")
   (cu_q_name, max_q_name), (cu_k_name, max_k_name) = names
   _require_offsets(cu_q_name, cu_seqlens_q)
   _require_offsets(cu_k_name, cu_seqlens_k)
@@ -309,15 +211,15 @@ def _paged_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
   if float(dropout_p) != 0.0:
     raise ValueError(f"block_table: paged keys/values are a forward-only (inference) path without "
                      f"dropout; expected dropout_p=0, got {dropout_p!r}")
-  _require_tensor("q", q, "(total_q, nheads, headdim)")
-  _require_tensor("k", k, "(num_blocks, page_block_size, nheads_k, headdim)")
-  _require_tensor("v", v, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _ops.require_tensor("q", q, "(total_q, nheads, headdim)")
+  _ops.require_tensor("k", k, "(num_blocks, page_block_size, nheads_k, headdim)")
+  _ops.require_tensor("v", v, "(num_blocks, page_block_size, nheads_k, headdim)")
   _require_offsets("cu_seqlens_q", cu_seqlens_q)
   _require_offsets("cu_seqlens_k", cu_seqlens_k)
   max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q)
   max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k)
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
   if (not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
       and q.dim() == 3 and k.dim() == 4 and block_table.dim() == 2
@@ -345,7 +247,7 @@ def op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
                               "flash_attn_varlen_func only")
   max_q, max_k = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
   if alibi_slopes is not None:
-    _require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
+    _ops.require_tensor("alibi_slopes", alibi_slopes, "(nheads,) or (batch, nheads)")
   left, right = _window(window_size)
   dropout_p = float(dropout_p)
   return (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, alibi_slopes, dropout_p,
@@ -458,7 +360,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
   The gradient of qkv comes back as one (total, 3, nheads, headdim) tensor.
   """
   del deterministic
-  _require_tensor("qkv", qkv, "(total, 3, nheads, headdim)")
+  _ops.require_tensor("qkv", qkv, "(total, 3, nheads, headdim)")
   if qkv.dim() != 4 or qkv.shape[1] != 3:
     raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
   q, k, v = qkv.unbind(1)
@@ -473,7 +375,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     deterministic=False, return_attn_probs=False):
   """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim); same arguments and returns."""
   del deterministic
-  _require_tensor("kv", kv, "(total_k, 2, nheads_k, headdim)")
+  _ops.require_tensor("kv", kv, "(total_k, 2, nheads_k, headdim)")
   if kv.dim() != 4 or kv.shape[1] != 2:
     raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   k, v = kv.unbind(1)

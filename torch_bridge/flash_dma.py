@@ -16,7 +16,8 @@ import torch
 
 from pallas_attn import flash, flash_dma as jax_dma
 from torch_bridge import _dlpack, _ops, compat
-from torch_bridge.flash_attn import _require_tensor, dropout_seed
+from torch_bridge.flash_attn import _fwd_outputs, dropout_seed
+
 
 _FWD_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor zoh, Tensor active_mask, Tensor? seed, "
              "float p_dropout, float? softmax_scale, bool is_causal, float softcap")
@@ -61,63 +62,24 @@ _BACKWARD = _dlpack.Kernel(into=_backward_into, plain=_backward)
 # Ops
 
 
-@functools.lru_cache(maxsize=1024)
-def _spec(shapes, dtypes, p_dropout, softmax_scale, is_causal, softcap):
+def _prepare(q, k, v, zoh, active_mask, p_dropout, softmax_scale, is_causal, softcap):
   """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
-  names = ("q", "k", "v", "zoh", "active_mask")
-  q, k, v, zoh, active = (jax.ShapeDtypeStruct(tuple(s), _dlpack.jax_dtype(n, d))
-                          for n, s, d in zip(names, shapes, dtypes))
-  spec, _ = jax_dma.prepare(q, k, v, zoh, active, p_dropout, softmax_scale, is_causal, 1, softcap)
+  spec, _ = jax_dma.prepare(q, k, v, zoh, active_mask, p_dropout, softmax_scale, is_causal, 1, softcap)
   return spec, None
 
 
-def _static(q, k, v, zoh, active_mask, seed, p_dropout, softmax_scale, is_causal, softcap, *_):
-  tensors = (q, k, v, zoh, active_mask)
+def _check_seed(seed, p_dropout):
   if (seed is None) != (p_dropout == 0):
     raise ValueError(f"seed: expected an int32 (1,) tensor exactly when p_dropout > 0 "
                      f"(p_dropout={p_dropout}), got {None if seed is None else tuple(seed.shape)}")
-  return _spec(tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors), p_dropout,
-               softmax_scale, is_causal, softcap)
 
 
-def _fwd_outputs(q, *_):
-  b, sq, h, _ = q.shape
-  return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
-
-
-def _fwd_operands(q, k, v, zoh, active_mask, seed, *_):
-  return q, k, v, zoh, active_mask, seed
-
-
-_fwd_op = _ops.kernel_op(
-    "flash_dma_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)", kernel=_FORWARD,
-    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
-
-
-def _bwd_outputs(dout, dlse, q, k, v, zoh, *_):
-  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (zoh.shape, zoh.dtype)]
-
-
-def _bwd_static(dout, dlse, *args):
-  return _static(*args)
-
-
-def _bwd_operands(dout, dlse, q, k, v, zoh, active_mask, seed, *rest):
-  out, lse = rest[-2:]
-  if dout is None:  # only lse was used downstream
-    dout = torch.zeros_like(out)
-  if dlse is None:
-    dlse = torch.zeros_like(lse)
-  return q, k, v, zoh, active_mask, seed, out, lse, dout, dlse
-
-
-_bwd_op = _ops.kernel_op(
-    "flash_dma_bwd",
-    f"(Tensor? dout, Tensor? dsoftmax_lse, {_FWD_ARGS}, Tensor out, Tensor softmax_lse) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
-    kernel=_BACKWARD, outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands, zeroed=(3,))
-
-_attention_op = _ops.differentiable(_fwd_op, _bwd_op, wrt=("q", "k", "v", "zoh"))
+# The backward's dzoh is zero-filled: the dK/dV kernel writes only the tiles the mask keeps.
+_DMA = _ops.build(_ops.OpDesc(
+    "flash_dma_fwd", _FWD_ARGS, outputs=_fwd_outputs, static=_ops.Spec(_prepare, check=_check_seed),
+    operands=("q", "k", "v", "zoh", "active_mask", "seed"), forward=_FORWARD, backward=_BACKWARD,
+    wrt=("q", "k", "v", "zoh"), zero_grads=("out", "softmax_lse"), zeroed=("zoh",)))
+_attention_op, _bwd_op, _static = _DMA.call, _DMA.bwd, _DMA.static
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +90,7 @@ def topk_mask(zoh, keep_window_size: int, is_causal: bool = False):
   """active_mask for `active_mask=None`: per query row, 1 on the keep_window_size largest zoh entries
   among the keys the causal rule allows, else 0; every allowed key when seqlen_k <= keep_window_size.
   Same shape, dtype and device as zoh."""
-  _require_tensor("zoh", zoh, "(batch, nheads_k, seqlen_q, seqlen_k)")
+  _ops.require_tensor("zoh", zoh, "(batch, nheads_k, seqlen_q, seqlen_k)")
   if not isinstance(keep_window_size, int) or keep_window_size < 1:
     raise ValueError(f"keep_window_size: expected a positive int, got {keep_window_size!r}")
   sq, sk = zoh.shape[-2:]
@@ -195,14 +157,14 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
                           ("k", k, "(batch_size, seqlen_k, num_heads_k, head_dim)"),
                           ("v", v, "(batch_size, seqlen_k, num_heads_k, head_dim)"),
                           ("zoh", zoh, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")):
-    _require_tensor(name, x, layout)
+    _ops.require_tensor(name, x, layout)
   if not isinstance(keep_window_size, int) or keep_window_size < 1:
     raise ValueError(f"keep_window_size: expected a positive int, got {keep_window_size!r}")
   if active_mask is None:
     active_mask = topk_mask(zoh, keep_window_size, bool(is_causal))
-  _require_tensor("active_mask", active_mask, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")
+  _ops.require_tensor("active_mask", active_mask, "(batch_size, num_heads_k, seqlen_q, seqlen_k)")
   if out is not None:
-    _require_tensor("out", out, "(batch_size, seqlen_q, num_heads, head_dim)")
+    _ops.require_tensor("out", out, "(batch_size, seqlen_q, num_heads, head_dim)")
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
       raise ValueError(f"out: expected a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
                        f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -233,7 +195,7 @@ def bwd(dout, q, k, v, zoh, active_mask, out, softmax_lse, p_dropout=0.0, softma
   """
   for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("zoh", zoh),
                   ("active_mask", active_mask), ("out", out), ("softmax_lse", softmax_lse)):
-    _require_tensor(name, x, "as fwd takes or returns it")
+    _ops.require_tensor(name, x, "as fwd takes or returns it")
   seed = None
   if p_dropout > 0:
     if rng_state is None or tuple(rng_state.shape) != (2,):

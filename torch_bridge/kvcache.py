@@ -17,6 +17,7 @@ import torch
 
 from pallas_attn import kvcache as jax_kvcache
 from torch_bridge import _dlpack, _ops, compat
+from torch_bridge.flash_attn import _window
 
 _TENSORS = ("q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
             "cache_batch_idx", "cache_leftpad", "block_table", "alibi_slopes")
@@ -42,27 +43,27 @@ def _plan(metas, softmax_scale, causal, window, softcap, rotary_interleaved, num
                              num_splits=num_splits)
 
 
-# -- rotary
+# What a backward through either op raises (inputs that require grad still get a forward).
+_FORWARD_ONLY = ("flash_attn_with_kvcache: forward-only (a decoding step, as in flash-attn), it has no "
+                 "backward; run it under torch.no_grad(), or use flash_attn_func for attention to train")
 
 
 def _rotary_outputs(q, k, *_):
   return [(q.shape, q.dtype), (k.shape, k.dtype)]
 
 
-def _rotary_static(q, k, rotary_cos, rotary_sin, cache_seqlens, interleaved, per_row):
+def _rotary_prepare(interleaved, per_row):
   return (bool(interleaved), bool(per_row))
 
 
-def _rotary_operands(q, k, rotary_cos, rotary_sin, cache_seqlens, *_):
-  return q, k, rotary_cos, rotary_sin, cache_seqlens
-
-
-_rotary_op = _ops.kernel_op(
+_rotary_op = _ops.build(_ops.OpDesc(
     "kvcache_rotary",
-    "(Tensor q, Tensor k, Tensor rotary_cos, Tensor rotary_sin, Tensor cache_seqlens, "
-    "bool interleaved, bool per_row) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=jax_kvcache.rotate_into, plain=jax_kvcache.rotate_plain),
-    outputs=_rotary_outputs, static=_rotary_static, operands=_rotary_operands)
+    "Tensor q, Tensor k, Tensor rotary_cos, Tensor rotary_sin, Tensor cache_seqlens, "
+    "bool interleaved, bool per_row", outputs=_rotary_outputs, output_names=("q", "k"),
+    static=_ops.Spec(_rotary_prepare),
+    operands=("q", "k", "rotary_cos", "rotary_sin", "cache_seqlens"),
+    forward=_dlpack.Kernel(into=jax_kvcache.rotate_into, plain=jax_kvcache.rotate_plain),
+    forward_only=_FORWARD_ONLY)).call
 
 
 # -- attention over the updated cache
@@ -79,6 +80,7 @@ def _attend_outputs(q, *_):
 
 def _attend_static(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, softmax_scale, causal,
                    window_left, window_right, softcap, num_splits):
+  # The public function's plan, keyed the same way (table is a block table when 2-D, else the rows).
   paged = table.dim() == 2
   metas = (_meta("q", q), _meta("k_cache", k_cache), _meta("v_cache", v_cache), None, None, None,
            None, _meta("cache_seqlens", end), None if paged else _meta("cache_batch_idx", table),
@@ -87,26 +89,11 @@ def _attend_static(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, softm
   return (_plan(metas, softmax_scale, causal, (window_left, window_right), softcap, True, num_splits),)
 
 
-def _attend_operands(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, *_):
-  return q, k_cache, v_cache, end, leftpad, table, alibi_slopes
-
-
-_attend_op = _ops.kernel_op(
-    "kvcache_attend", f"({_ATTEND_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=jax_kvcache.attend_into, plain=jax_kvcache.attend_plain),
-    outputs=_attend_outputs, static=_attend_static, operands=_attend_operands)
-
-
-def _forward_only(ctx, *grads):
-  del ctx, grads
-  raise NotImplementedError(
-      "flash_attn_with_kvcache: forward-only (a decoding step, as in flash-attn), it has no "
-      "backward; run it under torch.no_grad(), or use flash_attn_func for attention to train")
-
-
-# Inputs that require grad still get a forward; only an actual backward through it fails, and says why.
-torch.library.register_autograd(_rotary_op, _forward_only)
-torch.library.register_autograd(_attend_op, _forward_only)
+_attend_op = _ops.build(_ops.OpDesc(
+    "kvcache_attend", _ATTEND_ARGS, outputs=_attend_outputs, static=_attend_static,
+    operands=("q", "k_cache", "v_cache", "end", "leftpad", "table", "alibi_slopes"),
+    forward=_dlpack.Kernel(into=jax_kvcache.attend_into, plain=jax_kvcache.attend_plain),
+    forward_only=_FORWARD_ONLY)).call
 
 
 def _host_values(x):
@@ -117,17 +104,6 @@ def _host_values(x):
   if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not torch.compiler.is_compiling():
     return x.detach().numpy()
   return None
-
-
-def _require_tensor(name, x, layout):
-  if x is not None and not isinstance(x, torch.Tensor):
-    raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
-
-
-def _window(window_size):
-  if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-    raise ValueError(f"window_size: expected a pair (left, right), got {window_size!r}")
-  return int(window_size[0]), int(window_size[1])
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -171,7 +147,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                   ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
                   ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
                   ("block_table", block_table), ("alibi_slopes", alibi_slopes)):
-    _require_tensor(name, x, "(see flash_attn_with_kvcache's docstring)")
+    _ops.require_tensor(name, x, "(see flash_attn_with_kvcache's docstring)", optional=True)
   if q is None or k_cache is None or v_cache is None:
     raise TypeError("q, k_cache and v_cache: expected torch.Tensors, got None")
   if cache_seqlens is not None and not isinstance(cache_seqlens, (int, np.integer, torch.Tensor)):

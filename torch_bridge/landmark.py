@@ -8,26 +8,17 @@ whose registered autograd runs the backward op, so torch.compile sees one opaque
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import torch
 
 from pallas_attn import landmark as jax_landmark
 from torch_bridge import _dlpack, _ops, compat
 
-_FWD_ARGS = "Tensor q, Tensor k, Tensor v, int n_prefix_q, float? sm_scale, int block_size"
-
-
-@functools.lru_cache(maxsize=1024)
-def _spec(shapes, dtypes, n_prefix_q, sm_scale, block_size):
+def _prepare(q, k, v, n_prefix_q, sm_scale, block_size):
   """The kernel spec of one static configuration, validated by pallas_attn's own checks."""
-  q, k, v = (jax.ShapeDtypeStruct(tuple(s), _dlpack.jax_dtype(n, d))
-             for n, s, d in zip(("q", "k", "v"), shapes, dtypes))
   # is_mem is the public function's business (it checks the caller's); the ops take the pattern.
   is_mem = None
-  if len(shapes[1]) == 4 and block_size in jax_landmark.BLOCK_SIZES:
-    is_mem = jax_landmark.required_is_mem(shapes[1][2], block_size)
+  if len(k.shape) == 4 and block_size in jax_landmark.BLOCK_SIZES:
+    is_mem = jax_landmark.required_is_mem(k.shape[2], block_size)
   spec = jax_landmark.prepare(q, k, v, is_mem, sm_scale, block_size)
   if isinstance(n_prefix_q, bool) or spec.n_hist != n_prefix_q * spec.block_size:
     raise ValueError(f"n_prefix_q: expected (seqlen_k - seqlen_q) / block_size = {spec.n_hist} / "
@@ -35,53 +26,14 @@ def _spec(shapes, dtypes, n_prefix_q, sm_scale, block_size):
   return spec, None  # (spec, tile configs: None = the defaults)
 
 
-def _static(q, k, v, n_prefix_q, sm_scale, block_size, *_):
-  return _spec(tuple(t.shape for t in (q, k, v)), tuple(t.dtype for t in (q, k, v)), n_prefix_q,
-               sm_scale, block_size)
-
-
-def _fwd_outputs(q, *_):
-  b, h, sq, _ = q.shape
-  return [(q.shape, q.dtype), ((b, h, sq), torch.float32)]
-
-
-def _fwd_operands(q, k, v, *_):
-  return q, k, v
-
-
-_fwd = _ops.kernel_op(
-    "landmark_fwd", f"({_FWD_ARGS}) -> (Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=jax_landmark.forward_into, plain=jax_landmark.forward),
-    outputs=_fwd_outputs, static=_static, operands=_fwd_operands)
-
-
-def _bwd_outputs(dout, dlse, q, k, v, *_):
-  return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype)]
-
-
-def _bwd_static(dout, dlse, *args):
-  return _static(*args)
-
-
-def _bwd_operands(dout, dlse, q, k, v, n_prefix_q, sm_scale, block_size, out, lse):
-  del n_prefix_q, sm_scale, block_size
-  if dout is None:  # only lse was used downstream (the op's lse; the public functions return out)
-    dout = torch.zeros_like(out)
-  return q, k, v, out, lse, dout, dlse
-
-
-_bwd = _ops.kernel_op(
-    "landmark_bwd",
-    f"(Tensor? dout, Tensor? dlse, {_FWD_ARGS}, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)",
-    kernel=_dlpack.Kernel(into=jax_landmark.backward_into, plain=jax_landmark.backward),
-    outputs=_bwd_outputs, static=_bwd_static, operands=_bwd_operands)
-
-_ops.differentiable(_fwd, _bwd, wrt=("q", "k", "v"))
-
-
-def _require_tensor(name, x, layout):
-  if not isinstance(x, torch.Tensor):
-    raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
+_LANDMARK = _ops.build(_ops.OpDesc(
+    "landmark_fwd", "Tensor q, Tensor k, Tensor v, int n_prefix_q, float? sm_scale, int block_size",
+    outputs=lambda q, *_: [(q.shape, q.dtype), (q.shape[:3], torch.float32)],
+    output_names=("out", "lse"), static=_ops.Spec(_prepare), operands=("q", "k", "v"),
+    forward=_dlpack.Kernel(into=jax_landmark.forward_into, plain=jax_landmark.forward),
+    backward=_dlpack.Kernel(into=jax_landmark.backward_into, plain=jax_landmark.backward),
+    wrt=("q", "k", "v")))
+_fwd, _bwd = _LANDMARK.fwd, _LANDMARK.bwd
 
 
 def _scale(sm_scale):
@@ -144,9 +96,9 @@ def fused_landmark_attention(q, k, v, is_mem, sm_scale=None, block_size=64):
   Returns:
     out (batch, nheads, seqlen_q, headdim), differentiable in q, k and v.
   """
-  _require_tensor("q", q, "(batch, nheads, seqlen_q, headdim)")
-  _require_tensor("k", k, "(batch, nheads, seqlen_k, headdim)")
-  _require_tensor("v", v, "(batch, nheads, seqlen_k, headdim)")
+  _ops.require_tensor("q", q, "(batch, nheads, seqlen_q, headdim)")
+  _ops.require_tensor("k", k, "(batch, nheads, seqlen_k, headdim)")
+  _ops.require_tensor("v", v, "(batch, nheads, seqlen_k, headdim)")
   if q.dim() != 4 or k.dim() != 4:
     raise ValueError(f"q, k: expected 4-D (batch, nheads, seqlen, headdim) tensors, got shapes "
                      f"{tuple(q.shape)} and {tuple(k.shape)}")
@@ -157,7 +109,7 @@ def fused_landmark_attention(q, k, v, is_mem, sm_scale=None, block_size=64):
     raise ValueError(f"k: expected seqlen_k = seqlen_q + n_hist with n_hist >= 0 a multiple of block_size="
                      f"{block_size}, got seqlen_q={q.shape[2]}, seqlen_k={seqlen_k}")
   _check_is_mem(is_mem, seqlen_k, block_size)
-  return _fwd(q, k, v, n_hist // block_size, _scale(sm_scale), int(block_size))[0]
+  return _LANDMARK.call(q, k, v, n_hist // block_size, _scale(sm_scale), int(block_size))[0]
 
 
 _PUBLIC = dict(fused_landmark_attention=fused_landmark_attention,

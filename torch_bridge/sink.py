@@ -13,14 +13,13 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import torch
 
 from pallas_attn import flash, sink as jax_sink
 from torch_bridge import _dlpack, _ops, compat
 from torch_bridge import flash_attn as bridge_fa
 from torch_bridge import flash_attn_varlen as bridge_varlen
-from torch_bridge.flash_attn import _require_tensor
+
 
 # The sink ops extend the dense and varlen ops, so they reuse those modules' private pieces.
 # pylint: disable=protected-access
@@ -91,64 +90,36 @@ _BACKWARD = _dlpack.Kernel(into=_backward_into, plain=_backward)
 # Ops: the dense and varlen flash ops' arguments, then `sink, sink_layout`.
 
 
-@functools.lru_cache(maxsize=1024)
-def _sink_spec(base, q_shape, sink_shape, sink_dtype, sink_layout, varlen):
-  """The flash spec `base` (spec, cfgs) with sinks, after pallas_attn's checks of the sink."""
-  kernel_spec, cfgs = base
-  if sink_dtype != torch.float32:
-    raise TypeError(f"sink: expected a float32 tensor, got {sink_dtype}")
-  q = jax.ShapeDtypeStruct(q_shape, jnp.float32)  # only its shape is read
-  # eval_shape runs the JAX face's own layout checks without computing anything.
-  jax.eval_shape(lambda s: jax_sink._kernel_sink(s, sink_layout, q, varlen),
-                 jax.ShapeDtypeStruct(tuple(sink_shape), jnp.float32))
-  return dataclasses.replace(kernel_spec, sink=sink_layout), cfgs
+def _check_sink_dtype(sink):
+  if sink.dtype != torch.float32:
+    raise TypeError(f"sink: expected a float32 tensor, got {sink.dtype}")
 
 
-# rest ends with the base op's seed, then sink and sink_layout.
-def _dense_fwd_operands(q, k, v, alibi_slopes, *rest):
-  return q, k, v, bridge_fa._alibi_rows(alibi_slopes, q), None, None, rest[-2], rest[-3]
+def _sink_desc(name, base, operands, varlen):
+  """The op `name` (forward and backward): the flash op `base`'s arguments, then the sink."""
+
+  def with_sink(static, q, sink, sink_layout):
+    # eval_shape runs the JAX face's own layout checks without computing anything.
+    jax.eval_shape(lambda s: jax_sink._kernel_sink(s, sink_layout, q, varlen), sink)
+    kernel_spec, cfgs = static
+    return dataclasses.replace(kernel_spec, sink=sink_layout), cfgs
+
+  return dataclasses.replace(
+      base, name=name, args=f"{base.args}, {_SINK_ARGS}",
+      static=base.static.extend(with_sink, check=_check_sink_dtype), operands=operands,
+      forward=_FORWARD, backward=_BACKWARD, wrt=("q", "k", "v", "sink"))
 
 
-def _varlen_fwd_operands(q, k, v, cu_seqlens_q, cu_seqlens_k, _max_q, _max_k, alibi_slopes, *rest):
-  alibi = bridge_varlen._alibi_rows(alibi_slopes, q, cu_seqlens_q)
-  return q, k, v, alibi, cu_seqlens_q, cu_seqlens_k, rest[-2], rest[-3]
-
-
-def _sink_op(name, base_args, base_static, base_outputs, fwd_operands, varlen):
-  """The differentiable op `name` (forward and backward) over `base_args` plus the sink."""
-  fwd_args = f"{base_args}, {_SINK_ARGS}"
-
-  def static(*args):
-    sink, sink_layout = args[-2:]
-    return _sink_spec(base_static(*args[:-2]), tuple(args[0].shape), tuple(sink.shape), sink.dtype,
-                      sink_layout, varlen)
-
-  def bwd_outputs(dout, dlse, q, k, v, *rest):
-    sink = rest[-4]  # rest ends with sink, sink_layout, out, lse
-    return [(q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (sink.shape, torch.float32)]
-
-  def bwd_operands(dout, dlse, *args):
-    out, lse = args[-2:]
-    if dout is None:  # only lse was used downstream
-      dout = torch.zeros_like(out)
-    return (*fwd_operands(*args[:-2]), out, lse, dout, dlse)
-
-  fwd = _ops.kernel_op(
-      f"{name}_fwd", f"({fwd_args}) -> (Tensor, Tensor)", kernel=_FORWARD,
-      outputs=base_outputs, static=static, operands=fwd_operands)
-  bwd = _ops.kernel_op(
-      f"{name}_bwd",
-      f"(Tensor? dout, Tensor? dsoftmax_lse, {fwd_args}, Tensor out, Tensor softmax_lse) "
-      "-> (Tensor, Tensor, Tensor, Tensor)",
-      kernel=_BACKWARD, outputs=bwd_outputs, static=lambda dout, dlse, *args: static(*args[:-2]),
-      operands=bwd_operands)
-  return _ops.differentiable(fwd, bwd, wrt=("q", "k", "v", "sink"))
-
-
-_dense_sink_op = _sink_op("flash_attn_sink", bridge_fa._FWD_ARGS, bridge_fa._static,
-                          bridge_fa._fwd_outputs, _dense_fwd_operands, varlen=False)
-_varlen_sink_op = _sink_op("flash_attn_varlen_sink", bridge_varlen._FWD_ARGS, bridge_varlen._static,
-                           bridge_varlen._fwd_outputs, _varlen_fwd_operands, varlen=True)
+DENSE = _sink_desc(
+    "flash_attn_sink_fwd", bridge_fa.FLASH,
+    ("q", "k", "v", (bridge_fa._alibi_rows, "alibi_slopes", "q"), None, None, "sink", "seed"),
+    varlen=False)
+VARLEN = _sink_desc(
+    "flash_attn_varlen_sink_fwd", bridge_varlen.VARLEN,
+    ("q", "k", "v", bridge_varlen._ALIBI, "cu_seqlens_q", "cu_seqlens_k", "sink", "seed"),
+    varlen=True)
+_DENSE, _VARLEN = _ops.build(DENSE), _ops.build(VARLEN)
+_dense_sink_op, _varlen_sink_op = _DENSE.call, _VARLEN.call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +127,7 @@ _varlen_sink_op = _sink_op("flash_attn_varlen_sink", bridge_varlen._FWD_ARGS, br
 
 
 def _check_sink(sink, sink_layout):
-  _require_tensor("sink", sink, "(s_sink, nheads) ('sh') or (..., s_sink, nheads) ('ssh')")
+  _ops.require_tensor("sink", sink, "(s_sink, nheads) ('sh') or (..., s_sink, nheads) ('ssh')")
   if sink_layout not in jax_sink.LAYOUTS:
     raise ValueError(f"sink_layout: expected one of {jax_sink.LAYOUTS}, got {sink_layout!r}")
 
@@ -220,7 +191,7 @@ def _fa3_return(out, lse, return_attn_probs):
 
 
 def _unpack(name, packed, n, axis, layout):
-  _require_tensor(name, packed, layout)
+  _ops.require_tensor(name, packed, layout)
   if packed.dim() != axis + 3 or packed.shape[axis] != n:
     raise ValueError(f"{name}: expected shape {layout}, got {tuple(packed.shape)}")
   return packed.unbind(axis)
@@ -354,7 +325,7 @@ def fa3_varlen_func_with_sink(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 def _split_fa3_qkv(qkv, num_heads_q):
   """FA3's packed qkv: (b, s, 3, H, d), or (b, s, H + 2 * Hk, d) split [H | Hk | Hk] by num_heads_q."""
-  _require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim) or "
+  _ops.require_tensor("qkv", qkv, "(batch, seqlen, 3, nheads, headdim) or "
                   "(batch, seqlen, nheads + 2 * nheads_k, headdim)")
   if qkv.dim() == 5:
     return _unpack("qkv", qkv, 3, 2, "(batch, seqlen, 3, nheads, headdim)")

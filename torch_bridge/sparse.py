@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pallas_attn import sparse as jax_sparse
-from torch_bridge import _dlpack, compat
-from torch_bridge.flash_attn import _require_tensor, flash_attn_func
+from torch_bridge import _dlpack, _ops, compat
+from torch_bridge.flash_attn import flash_attn_func
 
 MODES = jax_sparse.MODES
 
@@ -23,7 +23,7 @@ def _check(q, k, v, heads, attn_mode, local_attn_ctx, blocksize):
   """pallas_attn's checks (the JAX face's messages) on the tensors' shapes and dtypes."""
   metas = []
   for name, x in (("q", q), ("k", k), ("v", v)):
-    _require_tensor(name, x, "(n_batch, n_ctx, n_embd)")
+    _ops.require_tensor(name, x, "(n_batch, n_ctx, n_embd)")
     metas.append(jax.ShapeDtypeStruct(tuple(x.shape), _dlpack.jax_dtype(name, x.dtype)))
   jax_sparse._check(*metas, heads, attn_mode, local_attn_ctx, blocksize)  # pylint: disable=protected-access
 
