@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import _compat, checks
+from pallas_attn import _compat, checks, lse_merge
 from pallas_attn.backends import triton_decode
 from pallas_attn.flash import _dispatch
 
@@ -289,7 +289,7 @@ def attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePl
           q, kc, vc, end, pad, table, alibi, interpret=interpret),
       qg, k_cache, v_cache, end, leftpad, table, alibi)
   if spec.num_splits > 1:
-    out, lse = triton_decode.merge(out, lse, q.dtype)
+    out, lse = lse_merge.merge(out, lse, q.dtype)
   out = out.reshape(b, hk, sq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, sq, h, d)
   lse = lse.reshape(b, hk, sq, g).transpose(0, 1, 3, 2).reshape(b, h, sq)
   return out, lse
