@@ -218,4 +218,15 @@ def _infer(roles, out_roles, what):
   return infer
 
 
-__all__ = ["local", "SequenceShardedError"]
+def gather_batch(x, cache, index: bool = False):
+  """Under Explicit axes (a no-op otherwise), x made whole over the batch for writing into `cache`,
+  a cache whose rows or pages batch rows share, so that every batch shard writes every row: new
+  keys (b, s, Hk, d) keep the cache's head sharding, indices (index=True) become replicated."""
+  if _explicit_mesh([cache, x]) is None:
+    return x
+  heads = _spec_of(cache)[1][-2]
+  target = P() if index else P(*([None] * (x.ndim - 2) + [heads, None]))
+  return x if _spec_of(x)[1] == target else jax.sharding.reshard(x, target)
+
+
+__all__ = ["local", "gather_batch", "SequenceShardedError"]
