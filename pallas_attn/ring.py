@@ -230,7 +230,8 @@ def ring_attention(q, k, v, *, axis_name, causal=False, window_size=(-1, -1), so
   Arguments:
     q: this device's (batch, seqlen / N, nheads, headdim); k, v: (batch, seqlen / N, nheads_k,
       headdim), nheads a multiple of nheads_k.
-    axis_name: the mesh axis the sequence is split over (N = its size).
+    axis_name: the mesh axis the sequence is split over (N = its size). The shard_map needs
+      check_vma=False (Pallas kernels do not declare varying manual axes).
     layout: which chunks a device holds. "zigzag": the sequence is cut into 2N chunks and device i
       holds chunks i and 2N - 1 - i, in that order (balanced causal work; seqlen / N must be even);
       "contiguous": device i holds chunk i of N.
@@ -252,12 +253,25 @@ def ring_attention(q, k, v, *, axis_name, causal=False, window_size=(-1, -1), so
   if layout == "zigzag" and length % 2:
     raise ValueError(f"q: layout='zigzag' holds two chunks per device, so the local seqlen must be "
                      f"even, got {length}")
+  if _varying(q):
+    raise ValueError("ring_attention: call it inside jax.shard_map(..., check_vma=False); our Pallas "
+                     "kernels do not declare how their outputs vary over manual mesh axes")
   n = lax.axis_size(axis_name)
   scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
   plan = make_plan(int(n), layout, length, bool(causal), tuple(int(w) for w in window_size), scale,
                    float(softcap), alibi_slopes is not None)
   out, lse = _ring(q, k, v, _alibi_rows(alibi_slopes, b, h), plan, axis_name)
   return (out, lse) if return_lse else out
+
+
+def _varying(x) -> bool:
+  """Whether x is traced in a shard_map with check_vma=True (jax 0.10 names it manual_axis_type,
+  later versions vma)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return bool(vma)
 
 
 # -- natural token order <-> zigzag, inside the shard_map (ppermutes only, no gather).
