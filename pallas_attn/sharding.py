@@ -11,7 +11,8 @@ kernel call, described by the role of each operand dimension:
   "."  anything else: must not be sharded.
 
 Explicit mesh axes: the shardings are in the operands' types, so the call runs under jax.shard_map
-with the operands' own batch and head axes. Auto axes (under jax.set_mesh): the shardings exist
+with the operands' own batch and head axes (also unsharded operands under an Explicit context mesh:
+Pallas interpret mode does not lower there otherwise). Auto axes (under jax.set_mesh): the shardings exist
 only once XLA has propagated them, so the call is a custom_partitioning op whose partition rule
 keeps the operands' batch and head shardings. Outputs come back sharded like the inputs. Without
 sharded operands (one device, inside a user's shard_map, no mesh) the kernel is called as is.
@@ -111,6 +112,15 @@ def _explicit_mesh(args):
   return None
 
 
+def _explicit_context():
+  """The context mesh (jax.set_mesh) when it has Explicit axes: Pallas interpret mode does not lower
+  under it even for unsharded operands, so those run in a shard_map too (replicated)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return None
+  return mesh if any(t == AxisType.Explicit for t in mesh.axis_types) else None
+
+
 def _auto_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.manual_axes:
@@ -141,7 +151,7 @@ def local(fn, args, roles, out_roles, *, what: str, sums=(), no_shard_reason=Non
       full[i] = x
     return tuple(fn(*full))
 
-  mesh = _explicit_mesh(operands)
+  mesh = _explicit_mesh(operands) or _explicit_context()
   if mesh is not None:
     return _explicit(call, mesh, operands, op_roles, out_roles, what, sums, no_shard_reason)
   mesh = _auto_mesh()
@@ -153,9 +163,7 @@ def local(fn, args, roles, out_roles, *, what: str, sums=(), no_shard_reason=Non
 def _explicit(call, mesh, operands, roles, out_roles, what, sums, no_shard_reason):
   shapes = [a.shape for a in operands]
   chosen = _choose_axes([_spec_of(a)[1] for a in operands], roles, shapes, what)
-  if not chosen["b"] and not chosen["h"]:
-    return call(*operands)
-  if no_shard_reason:
+  if no_shard_reason and (chosen["b"] or chosen["h"]):
     raise NotImplementedError(f"{what}: {no_shard_reason} with inputs sharded over batch or heads")
   _check_divisible(shapes, roles, chosen, dict(zip(mesh.axis_names, mesh.axis_sizes)), what)
   in_specs = [_target(r, chosen) for r in roles]

@@ -73,7 +73,8 @@ def _grads(f, argnums):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("spec", [P("data"), P(None, None, "model"), BSHD], ids=["batch", "heads", "both"])
+@pytest.mark.parametrize("spec", [P("data"), P(None, None, "model"), BSHD, P()],
+                         ids=["batch", "heads", "both", "replicated"])
 def test_flash_attn_func(kind, spec):
   q, k, v = _rand(0, (B, S, H, D)), _rand(1, (B, S, HK, D)), _rand(2, (B, S, HK, D))
   f = _grads(lambda q, k, v: pallas_attn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)[:2],
