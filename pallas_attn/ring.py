@@ -15,10 +15,14 @@ does the same work; "contiguous" puts chunk i on device i.
 Masks across blocks: for a (query chunk, key chunk) pair at distance D = (first query position) -
 (first key position), the global band (causal, window_size) either hides the whole pair (skipped),
 shows all of it (a plain call), or cuts it: then the kernel runs with BandMask(shift=D), whose band
-and ALiBi term are the global ones. Which case a pair falls in depends on the device, so each pair
-compiles the distinct cases that occur at that step and `lax.switch`es on the axis index; a pair
-whose case is the same on every device is decided in Python. Ring steps where every pair is hidden on
-every device (sliding windows) are skipped, and K/V jump over them in one ppermute.
+and ALiBi term are the global ones. Which pairs a device computes at a step depends on the device, so
+a step is a list of kernel calls, each with per-device operands (which query and key chunk, picked by
+a dynamic index on the axis index, no control flow) and a mask: where every device that works in the
+call has the same mask the call is static (zigzag's causal steps: two full-block calls on every
+device); devices with less work run the call too and drop its result (a ring step lasts as long as its
+slowest device anyway); only masks that differ between devices (windows cutting blocks at different
+offsets, ALiBi's offsets) go through a `lax.switch` on the axis index. Ring steps where every pair is
+hidden on every device (sliding windows) are skipped, and K/V jump over them in one ppermute.
 """
 from __future__ import annotations
 
@@ -40,16 +44,27 @@ _INF = float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
+class Call:
+  """One kernel call of a ring step, per device: query chunk a[i], key chunk b[i], mask masks[i]
+  (None: device i has no work here, runs the call on chunks 0 and drops the result)."""
+  a: tuple
+  b: tuple
+  masks: tuple
+
+  def keep(self, i: int) -> bool:
+    return self.masks[i] is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class RingPlan:
-  """Everything static about one ring: per step with work, per (query chunk a, key chunk b) pair
-  that some device must compute, the mask of that pair on each device (None = hidden)."""
+  """Everything static about one ring: per step with work, its calls."""
   n: int
   layout: str
   chunk: int  # c: the length of one chunk
   scale: float
   softcap: float
   alibi: bool
-  steps: tuple  # ((s, (((a, b), masks over devices), ...)), ...): s = how far K/V have travelled
+  steps: tuple  # ((s, (Call, ...)), ...): s = how far K/V have travelled round the ring
 
   @property
   def chunks(self) -> int:
@@ -89,17 +104,21 @@ def make_plan(n: int, layout: str, length: int, causal: bool, window_size: tuple
     right = 0
   steps = []
   for s in range(n):
-    pairs = []
-    for a in range(chunks):
-      for b in range(chunks):
-        masks = tuple(
-            pair_mask((chunk_position(layout, n, i, a) - chunk_position(layout, n, (i - s) % n, b)) * c,
-                      c, left, right, alibi)
-            for i in range(n))
-        if any(m is not None for m in masks):
-          pairs.append(((a, b), masks))
-    if pairs:
-      steps.append((s, tuple(pairs)))
+    work = []  # per device: its visible (mask, a, b), in one canonical order
+    for i in range(n):
+      src = (i - s) % n
+      pairs = [(pair_mask((chunk_position(layout, n, i, a) - chunk_position(layout, n, src, b)) * c,
+                          c, left, right, alibi), a, b)
+               for a in range(chunks) for b in range(chunks)]
+      work.append(sorted(((m, a, b) for m, a, b in pairs if m is not None),
+                         key=lambda t: (repr(t[0]), t[1], t[2])))
+    calls = []
+    for k in range(max(len(w) for w in work)):
+      entries = [w[k] if k < len(w) else (None, 0, 0) for w in work]
+      calls.append(Call(a=tuple(e[1] for e in entries), b=tuple(e[2] for e in entries),
+                        masks=tuple(e[0] for e in entries)))
+    if calls:
+      steps.append((s, tuple(calls)))
   return RingPlan(n=n, layout=layout, chunk=c, scale=scale, softcap=softcap, alibi=alibi,
                   steps=tuple(steps))
 
@@ -117,30 +136,42 @@ def _chunks(x, m: int, axis: int):
   return jnp.split(x, m, axis=axis) if m > 1 else [x]
 
 
+def _pick(chunks, which: tuple, index):
+  """chunks[which[device]]: a Python choice when every device picks the same chunk, else a dynamic
+  index on the axis index."""
+  if len(set(which)) == 1:
+    return chunks[which[0]]
+  table = jnp.asarray(which, jnp.int32)
+  return lax.dynamic_index_in_dim(jnp.stack(chunks), table[index], keepdims=False)
+
+
+def _hits(call: Call, which: tuple, chunk: int, index):
+  """Whether this device's result of `call` belongs to `chunk` (and is kept): a Python bool when
+  it is the same on every device, else a traced one."""
+  hit = tuple(w == chunk and call.keep(i) for i, w in enumerate(which))
+  if len(set(hit)) == 1:
+    return hit[0]
+  return jnp.asarray(hit)[index]
+
+
 def _by_device(masks, index, branch, *operands):
-  """branch(mask, *operands) for this device's mask: decided in Python when all devices agree, else
-  a lax.switch over the distinct masks on the axis index."""
-  distinct = list(dict.fromkeys(masks))
+  """branch(mask, *operands) for this device's mask, devices without one taking any: decided in
+  Python when the working devices agree, else a lax.switch on the axis index."""
+  distinct = list(dict.fromkeys(m for m in masks if m is not None))
   if len(distinct) == 1:
     return branch(distinct[0], *operands)
-  table = jnp.asarray([distinct.index(m) for m in masks], jnp.int32)
+  table = jnp.asarray([distinct.index(m) if m is not None else 0 for m in masks], jnp.int32)
   return lax.switch(table[index], [functools.partial(branch, m) for m in distinct], *operands)
 
 
 def _pair_forward(plan: RingPlan, mask, q, k, v, alibi):
-  """(out fp32 (b, c, H, d), lse (b, c, H)) of one block pair; +inf lse where hidden."""
-  if mask is None:
-    return (jnp.zeros(q.shape, jnp.float32),
-            jnp.full((q.shape[0], q.shape[1], q.shape[2]), _INF, jnp.float32))
+  """(out fp32 (b, c, H, d), lse (b, c, H)) of one block pair (+inf lse on rows it does not see)."""
   out, lse = flash.forward(q, k, v, alibi, plan.spec(mask))
   return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2)
 
 
 def _pair_backward(plan: RingPlan, mask, q, k, v, alibi, out, lse, dout, dlse):
-  """(dq, dk, dv) in fp32 of one block pair against the global out and lse (zeros where hidden)."""
-  if mask is None:
-    return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-            jnp.zeros(v.shape, jnp.float32))
+  """(dq, dk, dv) in fp32 of one block pair against the global out and lse."""
   grads = flash.backward(q, k, v, alibi, out, lse, dout, dlse, plan.spec(mask))
   return tuple(g.astype(jnp.float32) for g in grads[:3])
 
@@ -151,18 +182,32 @@ def _ring_forward(q, k, v, alibi, plan: RingPlan, axis_name):
   qs = _chunks(q, m, 1)
   acc = [None] * m
   kv = (k, v)
-  for t, (s, pairs) in enumerate(plan.steps):
+  for t, (s, calls) in enumerate(plan.steps):
     # The next block travels while this one is computed: the ppermute is issued first.
     nxt = _shift(kv, plan.steps[t + 1][0] - s, axis_name, plan.n) if t + 1 < len(plan.steps) else None
     ks, vs = _chunks(kv[0], m, 1), _chunks(kv[1], m, 1)
-    for (a, b), masks in pairs:
-      part = _by_device(masks, index, functools.partial(_pair_forward, plan), qs[a], ks[b], vs[b],
+    for call in calls:
+      o, l = _by_device(call.masks, index, functools.partial(_pair_forward, plan),
+                        _pick(qs, call.a, index), _pick(ks, call.b, index), _pick(vs, call.b, index),
                         alibi)
-      acc[a] = part if acc[a] is None else lse_merge.merge_pair(*acc[a], *part)
+      for a in range(m):
+        hit = _hits(call, call.a, a, index)
+        if hit is False:
+          continue
+        o_a, l_a = o, l
+        if hit is not True:  # +inf: an empty partial (out 0), which the merge ignores
+          o_a, l_a = jnp.where(hit, o, 0.0), jnp.where(hit, l, _INF)
+        acc[a] = (o_a, l_a) if acc[a] is None else lse_merge.merge_pair(*acc[a], o_a, l_a)
     kv = nxt
   out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype)
   lse = jnp.concatenate([jnp.swapaxes(l, 1, 2) for _, l in acc], axis=2)
   return out, lse
+
+
+def _add(total, part, hit):
+  if hit is False:
+    return total
+  return total + (part if hit is True else jnp.where(hit, part, 0.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -187,16 +232,20 @@ def _ring_bwd(plan, axis_name, res, cts):
   # dK/dV of the block held, in fp32: they travel with it and are sent home after the last step.
   dkv = ([jnp.zeros(x.shape, jnp.float32) for x in _chunks(k, m, 1)],
          [jnp.zeros(x.shape, jnp.float32) for x in _chunks(v, m, 1)])
-  for t, (s, pairs) in enumerate(plan.steps):
+  for t, (s, calls) in enumerate(plan.steps):
     last = t + 1 == len(plan.steps)
     nxt = None if last else _shift(kv, plan.steps[t + 1][0] - s, axis_name, plan.n)
     ks, vs = _chunks(kv[0], m, 1), _chunks(kv[1], m, 1)
-    for (a, b), masks in pairs:
-      g = _by_device(masks, index, functools.partial(_pair_backward, plan), qs[a], ks[b], vs[b],
-                     alibi, outs[a], lses[a], douts[a], dlses[a])
-      dq[a] = dq[a] + g[0]
-      dkv[0][b] = dkv[0][b] + g[1]
-      dkv[1][b] = dkv[1][b] + g[2]
+    for call in calls:
+      pick_a = lambda xs: _pick(xs, call.a, index)  # noqa: E731  pylint: disable=cell-var-from-loop
+      g = _by_device(call.masks, index, functools.partial(_pair_backward, plan), pick_a(qs),
+                     _pick(ks, call.b, index), _pick(vs, call.b, index), alibi, pick_a(outs),
+                     pick_a(lses), pick_a(douts), pick_a(dlses))
+      for c in range(m):
+        dq[c] = _add(dq[c], g[0], _hits(call, call.a, c, index))
+        hit = _hits(call, call.b, c, index)
+        dkv[0][c] = _add(dkv[0][c], g[1], hit)
+        dkv[1][c] = _add(dkv[1][c], g[2], hit)
     dkv = _shift(dkv, -s if last else plan.steps[t + 1][0] - s, axis_name, plan.n)
     kv = nxt
   dq = jnp.concatenate(dq, axis=1).astype(q.dtype)
