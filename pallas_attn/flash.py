@@ -4,7 +4,8 @@ Public functions validate and reshape their arguments, build an AttentionSpec an
 its custom VJP runs the Pallas backward. `forward` and `backward` are the same two jitted steps for
 callers that drive autodiff themselves (the torch bridge); the `_into` forms write into donated
 buffers. The kernel backend is chosen per lowering platform: Triton on CUDA, Pallas interpret mode
-elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
+elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1). With inputs sharded over batch or heads,
+each kernel call runs per shard (pallas_attn/sharding.py).
 
 Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
 (b, H, sq, s_sink) for "ssh" ((H, total_q, s_sink) varlen; pallas_attn/sink.py has the public
@@ -43,9 +44,9 @@ def _configs(q, spec, cfgs):
                        q.dtype.itemsize)
 
 
-def _roles(spec: AttentionSpec, k, opt):
+def _roles(spec: AttentionSpec, opt):
   """sharding.local's roles of (q, k, v, alibi, sink, *seqlens, seed, bias, keep) and of (out, lse)."""
-  sink, seqlens, seed, bias, keep = opt
+  seqlens = opt[1]
   if spec.varlen:
     kv = "..h." if spec.page else "sh."
     roles = ["sh.", kv, kv, ".h.", {"sh": "h.", "ssh": "hs."}.get(spec.sink)]
@@ -85,7 +86,7 @@ def _run_forward(q, k, v, alibi, opt, spec, cfgs, into=None):
   if into is not None:  # the torch bridge's aliased buffers: one device
     return run(q, k, v, alibi, opt, into)
   args, n_seqlens = _flat(q, k, v, alibi, opt)
-  roles, out_roles = _roles(spec, k, opt)
+  roles, out_roles = _roles(spec, opt)
   return _local(lambda *a: run(*_unflat(a, n_seqlens), None), args, roles, out_roles,
                 "pallas_attn attention forward", opt[2])
 
@@ -107,7 +108,7 @@ def _run_backward(q, k, v, alibi, opt, out, lse, dout, dlse, spec, cfgs, into=No
   if into is not None:
     return run(q, k, v, out, lse, dout, dlse, alibi, opt, into)
   args, n_seqlens = _flat(q, k, v, alibi, opt)
-  roles, (o_role, lse_role) = _roles(spec, k, opt)
+  roles, (o_role, lse_role) = _roles(spec, opt)
   grad_roles = [roles[0], roles[1], roles[2]]
   sums = ()
   if spec.sink:

@@ -106,8 +106,8 @@ def _explicit_mesh(args):
     mesh, spec = _spec_of(a)
     if mesh is None or spec is None or getattr(mesh, "empty", True):
       continue
-    if any(_axes(e) and mesh._name_to_type[ax] == AxisType.Explicit  # pylint: disable=protected-access
-           for e in spec for ax in _axes(e)):
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types.get(ax) == AxisType.Explicit for e in spec for ax in _axes(e)):
       return mesh
   return None
 
