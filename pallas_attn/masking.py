@@ -35,10 +35,10 @@ class BandMask:
   share a position whatever the lengths (in varlen calls: per sequence, from its own start).
   left/right None means unbounded on that side; causal is right = 0.
 
-  shift, when set, is off (whatever top_left says): query row i sits at key position i + shift. A ring step
-  (pallas_attn/ring.py) uses it for a block of a longer sequence, with shift the distance between
-  the block's first query and first key, so both the band and ALiBi's |i + off - j| are the global
-  ones.
+  shift, when set, is off (whatever top_left says): query row i sits at key position i + shift. A
+  ring step (pallas_attn/ring.py) uses it for a block of a longer sequence, with shift the distance
+  between the block's first query and first key, so both the band and ALiBi's |i + off - j| are the
+  global ones.
   """
   sq: int
   sk: int

@@ -130,14 +130,17 @@ def _auto_mesh():
   return None
 
 
-def local(fn, args, roles, out_roles, *, what: str, sums=(), no_shard_reason=None):
+def local(fn, args, roles, out_roles, *, what: str, sums=(), no_shard_reason=None,
+          explicit_only: bool = False):
   """fn(*args) (a tuple of arrays), computed per batch / head shard of the operands.
 
   args: operands, None where absent (passed through as None); roles: one role string per operand
   (one letter per dimension, see the module docstring; None for absent operands); out_roles: one per
   output. sums: indices of outputs summed over the batch (psum'd over the batch axes). what: the
   function's name for errors. no_shard_reason: if set, sharded operands raise NotImplementedError
-  with this reason.
+  with this reason. explicit_only: only the Explicit-axes shard_map (differentiable, so it can wrap a
+  whole public function whose steps mix batch rows); otherwise fn is called as is, its kernel calls
+  wrapped on their own.
   """
   present = [i for i, a in enumerate(args) if a is not None]
   operands = [args[i] for i in present]
@@ -154,7 +157,7 @@ def local(fn, args, roles, out_roles, *, what: str, sums=(), no_shard_reason=Non
   mesh = _explicit_mesh(operands) or _explicit_context()
   if mesh is not None:
     return _explicit(call, mesh, operands, op_roles, out_roles, what, sums, no_shard_reason)
-  mesh = _auto_mesh()
+  mesh = None if explicit_only else _auto_mesh()
   if mesh is not None:
     return _auto(call, operands, op_roles, out_roles, what, sums, no_shard_reason)
   return call(*operands)

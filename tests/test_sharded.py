@@ -232,3 +232,31 @@ def test_dropout_sharded_is_refused():
   with pytest.raises(NotImplementedError, match="dropout"):
     _run_sharded(lambda q: pallas_attn.flash_attn_func(q, q, q, 0.1, dropout_key=jax.random.PRNGKey(0)),
                  (q,), [P("data")], "explicit")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dot_product_attention(kind):
+  q, k, v = _rand(0, (B, S, H, D)), _rand(1, (B, S, HK, D)), _rand(2, (B, S, HK, D))
+  f = _grads(lambda q, k, v: pallas_attn.dot_product_attention(q, k, v, is_causal=True,
+                                                               local_window_size=(5, 0)), (0, 1, 2))
+  _check(f, (q, k, v), [BSHD] * 3, kind, [BSHD] * 4)
+  bias = _rand(3, (B, H, S, S))
+  f = lambda q, k, v, bias: pallas_attn.dot_product_attention(q, k, v, bias)  # noqa: E731
+  _check(f, (q, k, v, bias), [BSHD] * 3 + [P("data", "model", None, None)], kind, [BSHD])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dot_product_attention_lengths(kind):
+  """The length packing mixes batch rows: per shard under Explicit axes; under Auto axes (where the
+  shardings are known only inside the kernel call) batch sharding is refused, not gathered."""
+  q, k, v = _rand(0, (B, S, H, D)), _rand(1, (B, S, HK, D)), _rand(2, (B, S, HK, D))
+  lengths = jnp.array([9, 16], jnp.int32)
+  f = lambda q, k, v, n: pallas_attn.dot_product_attention(  # noqa: E731
+      q, k, v, query_seq_lengths=n, key_value_seq_lengths=n)
+  if kind == "auto":
+    with pytest.raises(Exception, match="only batch and head dimensions may be sharded"):
+      _run_sharded(f, (q, k, v, lengths), [BSHD] * 3 + [P("data")], kind)
+    heads = P(None, None, "model", None)
+    _check(f, (q, k, v, lengths), [heads] * 3 + [None], kind, [heads])
+    return
+  _check(f, (q, k, v, lengths), [BSHD] * 3 + [P("data")], kind, [BSHD])
