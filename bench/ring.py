@@ -83,14 +83,20 @@ def one_gpu(seqlens, b, h, hk, d, dtype, cfg):
     for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
       for direction in ("fwd", "fwdbwd"):
         with jax.set_mesh(mesh):
-          plain = _ms(_fn(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=causal), direction),
-                      (q, k, v), cfg)
-          ring = _ms(_fn(_ring(mesh, causal, layout), direction), (q, k, v), cfg)
+          plain_fn = _fn(lambda q, k, v: pa.flash_attn_func(q, k, v, causal=causal), direction)
+          ring_fn = _fn(_ring(mesh, causal, layout), direction)
+          plain, ring = _ms(plain_fn, (q, k, v), cfg), _ms(ring_fn, (q, k, v), cfg)
+          # N = 1 must match flash_attn_func (output, or each gradient): max |difference|.
+          diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                     for a, b in zip(jax.tree.leaves(ring_fn(q, k, v)),
+                                     jax.tree.leaves(plain_fn(q, k, v))))
         rows.append(dict(seqlen=s, causal=causal, layout=layout, direction=direction,
                          plain_ms=plain, ring_n1_ms=ring, overhead_ratio=ring / plain,
-                         merge_ms=merge_ms, step_est_ratio=(plain + merge_ms) / plain))
+                         merge_ms=merge_ms, step_est_ratio=(plain + merge_ms) / plain,
+                         max_abs_diff=diff))
         print(f"one_gpu s={s:6d} causal={int(causal)} {layout:10s} {direction:6s} plain {plain:8.3f} ms"
-              f"  ring(N=1) {ring:8.3f} ms  x{ring / plain:5.2f}  merge {merge_ms:6.3f} ms")
+              f"  ring(N=1) {ring:8.3f} ms  x{ring / plain:5.2f}  merge {merge_ms:6.3f} ms"
+              f"  max|diff| {diff:.2e}")
   return rows
 
 

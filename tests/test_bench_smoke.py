@@ -64,6 +64,7 @@ def test_ring_smoke_writes_json(tmp_path):
   report = ring.main(["--smoke", "--out", str(out)])
   data = json.loads(out.read_text())
   assert data["one_gpu"] and all(r["plain_ms"] > 0 and r["ring_n1_ms"] > 0 for r in data["one_gpu"])
+  assert all(r["max_abs_diff"] < 1e-4 for r in data["one_gpu"]), data["one_gpu"]
   assert {(r["causal"], r["layout"], r["direction"]) for r in data["one_gpu"]} == {
       (c, l, d) for c, l in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag"))
       for d in ("fwd", "fwdbwd")}
