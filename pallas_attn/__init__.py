@@ -7,6 +7,7 @@ from pallas_attn import flash_dma  # noqa: F401  (flash_dma.fwd / bwd / topk_mas
 from pallas_attn.dot_product_attention import dot_product_attention
 from pallas_attn.kvcache import flash_attn_with_kvcache
 from pallas_attn.landmark import fused_landmark_attention
+from pallas_attn.ring import ring_attention, ring_flash_attn_func
 from pallas_attn.sink import (fa2_func_with_sink, fa2_kvpacked_func_with_sink,
                               fa2_qkvpacked_func_with_sink, fa2_varlen_func_with_sink,
                               fa2_varlen_kvpacked_func_with_sink, fa2_varlen_qkvpacked_func_with_sink,
@@ -26,6 +27,8 @@ __all__ = [
     "flash_attn_with_kvcache",
     "flash_dma",
     "fused_landmark_attention",
+    "ring_attention",
+    "ring_flash_attn_func",
     "fa2_func_with_sink",
     "fa2_kvpacked_func_with_sink",
     "fa2_qkvpacked_func_with_sink",

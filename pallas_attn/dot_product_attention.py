@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_attn import checks
+from pallas_attn import checks, sharding
 from pallas_attn.flash import attention
 from pallas_attn.flash_attn import dropout_seed
 from pallas_attn.flash_dma import keep_mask
@@ -193,19 +193,33 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   left, right = _window(local_window_size, bool(is_causal))
   scale = float(scale) if scale is not None else 1.0 / math.sqrt(h)
   band = BandMask(sq=t, sk=s, left=left, right=right, top_left=True)
-  if bias is not None or mask is not None:
-    spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate)
-    out, lse = _masked_attention(q, k, v, bias, mask, q_len, kv_len, spec, seed)
-    q_valid = None if q_len is None else jnp.arange(t)[None, :] < q_len[:, None]
-  elif q_len is not None or kv_len is not None:
-    spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate, varlen=True)
-    out, lse, q_valid = _packed_attention(q, k, v, q_len, kv_len, spec, seed)
-  else:
-    spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate)
-    out, lse = attention(q, k, v, None, spec, None, None, None, seed)
-    q_valid = None
-  if q_valid is not None:  # jax.nn zeroes padding rows
-    out = jnp.where(q_valid[:, :, None, None], out, 0).astype(q.dtype)
+
+  def run(q, k, v, bias, mask, q_len, kv_len, seed):
+    t = q.shape[1]
+    if bias is not None or mask is not None:
+      spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate)
+      out, lse = _masked_attention(q, k, v, bias, mask, q_len, kv_len, spec, seed)
+      q_valid = None if q_len is None else jnp.arange(t)[None, :] < q_len[:, None]
+    elif q_len is not None or kv_len is not None:
+      spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate, varlen=True)
+      out, lse, q_valid = _packed_attention(q, k, v, q_len, kv_len, spec, seed)
+    else:
+      spec = AttentionSpec(mask=band, scale=scale, dropout_p=rate)
+      out, lse = attention(q, k, v, None, spec, None, None, None, seed)
+      q_valid = None
+    if q_valid is not None:  # jax.nn zeroes padding rows
+      out = jnp.where(q_valid[:, :, None, None], out, 0).astype(q.dtype)
+    return out, lse
+
+  # Under Explicit mesh axes the whole call runs per batch / head shard: the length packing and the
+  # per-query-head bias mix what a kernel-level shard would see (pallas_attn/sharding.py).
+  full = lambda x: None if x is None else "".join(  # noqa: E731
+      r if x.shape[i] == size else "." for i, (r, size) in enumerate(zip("bhss", (b, n, t, s))))
+  out, lse = sharding.local(
+      run, [q, k, v, bias, mask, q_len, kv_len, seed],
+      ["bsh.", "bsh.", "bsh.", full(bias), full(mask), "b", "b", "."], ["bsh.", "bhs"],
+      what="dot_product_attention", explicit_only=True,
+      no_shard_reason=None if seed is None else "dropout (dropout_rate > 0)")
   if unbatched:
     out, lse = out[0], lse[0]
   if not return_residual:

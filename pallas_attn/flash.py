@@ -4,7 +4,8 @@ Public functions validate and reshape their arguments, build an AttentionSpec an
 its custom VJP runs the Pallas backward. `forward` and `backward` are the same two jitted steps for
 callers that drive autodiff themselves (the torch bridge); the `_into` forms write into donated
 buffers. The kernel backend is chosen per lowering platform: Triton on CUDA, Pallas interpret mode
-elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1).
+elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1). With inputs sharded over batch or heads,
+each kernel call runs per shard (pallas_attn/sharding.py).
 
 Optional inputs: alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
 (b, H, sq, s_sink) for "ssh" ((H, total_q, s_sink) varlen; pallas_attn/sink.py has the public
@@ -22,7 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_attn import _compat, tiles
+from pallas_attn import _compat, sharding, tiles
 from pallas_attn.backends import triton_flash
 from pallas_attn.spec import AttentionSpec
 
@@ -43,14 +44,51 @@ def _configs(q, spec, cfgs):
                        q.dtype.itemsize)
 
 
+def _roles(spec: AttentionSpec, opt):
+  """sharding.local's roles of (q, k, v, alibi, sink, *seqlens, seed, bias, keep) and of (out, lse)."""
+  seqlens = opt[1]
+  if spec.varlen:
+    kv = "..h." if spec.page else "sh."
+    roles = ["sh.", kv, kv, ".h.", {"sh": "h.", "ssh": "hs."}.get(spec.sink)]
+    roles += ["." * x.ndim for x in seqlens]
+    return roles + [".", None, None], ("sh.", "hs")
+  roles = ["bsh.", "bsh.", "bsh.", "bh.", {"sh": "h.", "ssh": "bhs."}.get(spec.sink)]
+  return roles + [".", "bhss", "bhss"], ("bsh.", "bhs")
+
+
+def _flat(q, k, v, alibi, opt):
+  sink, seqlens, seed, bias, keep = opt
+  return [q, k, v, alibi, sink, *(seqlens or ()), seed, bias, keep], len(seqlens or ())
+
+
+def _unflat(args, n_seqlens):
+  q, k, v, alibi, sink = args[:5]
+  seqlens = tuple(args[5:5 + n_seqlens]) or None
+  seed, bias, keep = args[5 + n_seqlens:]
+  return q, k, v, alibi, (sink, seqlens, seed, bias, keep)
+
+
+def _local(kernel, args, roles, out_roles, what, seed, sums=()):
+  """The kernel per batch / head shard (pallas_attn/sharding.py); dropout's keep mask hashes global
+  (batch, head) coordinates, which a shard does not know, so dropout stays unsharded."""
+  return sharding.local(kernel, args, roles, out_roles, what=what, sums=sums,
+                        no_shard_reason=None if seed is None else "dropout (dropout_p > 0)")
+
+
 def _run_forward(q, k, v, alibi, opt, spec, cfgs, into=None):
   """opt: the optional operands (sink, seqlens, seed, bias, keep), None where absent."""
   kernel = functools.partial(triton_flash.forward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
-  return tuple(_dispatch(
+  run = lambda q, k, v, alibi, opt, into: tuple(_dispatch(  # noqa: E731
       lambda q, k, v, alibi, opt, into, interpret: kernel(
           q, k, v, alibi, *opt, interpret=interpret, into=into),
       q, k, v, alibi, opt, into))
+  if into is not None:  # the torch bridge's aliased buffers: one device
+    return run(q, k, v, alibi, opt, into)
+  args, n_seqlens = _flat(q, k, v, alibi, opt)
+  roles, out_roles = _roles(spec, opt)
+  return _local(lambda *a: run(*_unflat(a, n_seqlens), None), args, roles, out_roles,
+                "pallas_attn attention forward", opt[2])
 
 
 def _run_backward(q, k, v, alibi, opt, out, lse, dout, dlse, spec, cfgs, into=None):
@@ -62,10 +100,29 @@ def _run_backward(q, k, v, alibi, opt, out, lse, dout, dlse, spec, cfgs, into=No
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = functools.partial(triton_flash.backward, spec=spec, cfgs=_configs(q, spec, cfgs),
                              head_dim=q.shape[-1])
-  return tuple(_dispatch(
+  run = lambda q, k, v, out, lse, dout, dlse, alibi, opt, into: tuple(_dispatch(  # noqa: E731
       lambda q, k, v, out, lse, dout, dlse, alibi, opt, into, interpret: kernel(
           q, k, v, out, lse, dout, dlse, alibi, *opt, interpret=interpret, into=into),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), alibi, opt, into))
+      q, k, v, out, lse, dout, dlse, alibi, opt, into))
+  dout, dlse = dout.astype(q.dtype), dlse.astype(jnp.float32)
+  if into is not None:
+    return run(q, k, v, out, lse, dout, dlse, alibi, opt, into)
+  args, n_seqlens = _flat(q, k, v, alibi, opt)
+  roles, (o_role, lse_role) = _roles(spec, opt)
+  grad_roles = [roles[0], roles[1], roles[2]]
+  sums = ()
+  if spec.sink:
+    grad_roles.append(roles[4])
+    sums = (3,) if spec.sink == "sh" and not spec.varlen else ()
+  elif spec.bias_mask:
+    grad_roles.append(roles[-2])
+
+  def body(out, lse, dout, dlse, *a):
+    q, k, v, alibi, opt = _unflat(a, n_seqlens)
+    return run(q, k, v, out, lse, dout, dlse, alibi, opt, None)
+
+  return _local(body, [out, lse, dout, dlse] + args, [o_role, lse_role, o_role, lse_role] + roles,
+                grad_roles, "pallas_attn attention backward", opt[2], sums)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_attn import checks, dropout
+from pallas_attn import checks, dropout, sharding
 from pallas_attn.flash import attention, backward
 from pallas_attn.flash_attn import dropout_seed
 from pallas_attn.reference import attention_logits
@@ -64,6 +64,12 @@ def topk_mask(zoh, keep_window_size: int, is_causal: bool = False):
   """active_mask for `active_mask=None`: per query row, 1 on the keep_window_size largest zoh entries
   among the keys the causal rule allows (ties to the lower index), else 0; all allowed keys when
   seqlen_k <= keep_window_size. Same shape and dtype as zoh."""
+  lead = "bh"[:max(zoh.ndim - 2, 0)] + "." * max(zoh.ndim - 4, 0)
+  return sharding.local(lambda z: (_topk_mask(z, keep_window_size, is_causal),), [zoh],
+                        [lead + "ss"], [lead + "ss"], what="flash_dma.topk_mask")[0]
+
+
+def _topk_mask(zoh, keep_window_size: int, is_causal: bool):
   sq, sk = zoh.shape[-2:]
   allowed = band_from_window(sq, sk, is_causal, (-1, -1)).visible(jnp.arange(sq), jnp.arange(sk))
   if sk <= keep_window_size:

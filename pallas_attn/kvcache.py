@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import _compat, checks
+from pallas_attn import _compat, checks, lse_merge, sharding
 from pallas_attn.backends import triton_decode
 from pallas_attn.flash import _dispatch
 
@@ -251,7 +251,7 @@ def slots(seqlens, cache_batch_idx, block_table, plan: CachePlan):
   if plan.paged:
     page = plan.decode.page_size
     return jnp.take_along_axis(block_table, pos // page, axis=1), pos % page
-  rows = jnp.arange(plan.batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
+  rows = jnp.arange(seqlens.shape[0], dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
   return jnp.broadcast_to(rows[:, None], pos.shape), pos
 
 
@@ -260,22 +260,48 @@ def append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, plan: 
   if plan.s_new == 0:
     return k_cache, v_cache
   rows, at = slots(seqlens, cache_batch_idx, block_table, plan)
+  # With batch-sharded inputs and a cache shared by batch rows, every shard writes every row.
+  k, v = sharding.gather_batch(k, k_cache), sharding.gather_batch(v, v_cache)
+  rows, at = sharding.gather_batch(rows, k_cache, True), sharding.gather_batch(at, k_cache, True)
   return k_cache.at[rows, at].set(k, mode="drop"), v_cache.at[rows, at].set(v, mode="drop")
 
 
 def page_table(cache_batch_idx, block_table, plan: CachePlan):
-  """The kernel's flat (b * max_pages,) page table; a contiguous cache row is a single page."""
+  """The kernel's page table per batch row: (b, max_pages) pages, or (b,) cache rows (a contiguous
+  cache row is a single page)."""
   if plan.paged:
-    return block_table.reshape(-1)
+    return block_table
   if cache_batch_idx is None:
     return jnp.arange(plan.batch, dtype=jnp.int32)
   return cache_batch_idx
 
 
-def attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan):
-  """out (b, sq, H, d) and lse (b, H, sq) of q over cache positions [leftpad, end) of each row."""
+def attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan,
+           rows_are_batch: bool = False):
+  """out (b, sq, H, d) and lse (b, H, sq) of q over cache positions [leftpad, end) of each row.
+
+  table: page_table()'s (b,) or (b, max_pages). Computed per batch / head shard of sharded inputs
+  (pallas_attn/sharding.py): caches shard over heads, and over the batch too when rows_are_batch
+  (cache row r is batch row r: table is 0..b-1 and the cache has b rows); otherwise they stay whole
+  on every shard and the table holds global rows.
+  """
+  cache_role = "..h." if plan.paged else ("bsh." if rows_are_batch else ".sh.")
+  slopes_role = None if alibi_slopes is None else ("h" if jnp.ndim(alibi_slopes) == 1 else "bh")
+
+  def run(q, k_cache, v_cache, end, leftpad, table, alibi_slopes):
+    if rows_are_batch:  # this shard's own cache rows
+      table = jnp.arange(q.shape[0], dtype=jnp.int32)
+    return _attend_local(q, k_cache, v_cache, end, leftpad, table.reshape(-1), alibi_slopes, plan)
+
+  return sharding.local(run, [q, k_cache, v_cache, end, leftpad, table, alibi_slopes],
+                        ["bsh.", cache_role, cache_role, "b", "b", "b" + "." * (table.ndim - 1), slopes_role],
+                        ["bsh.", "bhs"], what="flash_attn_with_kvcache")
+
+
+def _attend_local(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan):
   b, sq, h, d = q.shape
-  hk, g = plan.kv_heads, plan.nheads // plan.kv_heads
+  hk = k_cache.shape[2]
+  g = h // hk
   spec = plan.decode
   # Rows r = i * G + g of each kv head's group form the kernel's query tile.
   qg = q.reshape(b, sq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, sq * g, d)
@@ -289,7 +315,7 @@ def attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePl
           q, kc, vc, end, pad, table, alibi, interpret=interpret),
       qg, k_cache, v_cache, end, leftpad, table, alibi)
   if spec.num_splits > 1:
-    out, lse = triton_decode.merge(out, lse, q.dtype)
+    out, lse = lse_merge.merge(out, lse, q.dtype)
   out = out.reshape(b, hk, sq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, sq, h, d)
   lse = lse.reshape(b, hk, sq, g).transpose(0, 1, 3, 2).reshape(b, h, sq)
   return out, lse
@@ -314,9 +340,19 @@ def _run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch
   if plan.rotary:
     q, k = rotate(q, k, rotary_cos, rotary_sin, seqlens, interleaved=plan.rotary_interleaved,
                   per_row=plan.rotate_q_per_row)
-  k_cache, v_cache = append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, plan)
+  rows_are_batch = not plan.paged and cache_batch_idx is None and k_cache.shape[0] == plan.batch
+  if rows_are_batch and plan.s_new:
+    # Each batch / head shard writes its own cache rows (other layouts share cache rows or pages
+    # between batch rows, so their scatter is left to XLA).
+    k_cache, v_cache = sharding.local(
+        lambda kc, vc, k, v, sl: append(kc, vc, k, v, sl, None, None, plan),
+        [k_cache, v_cache, k, v, seqlens], ["bsh.", "bsh.", "bsh.", "bsh.", "b"],
+        ["bsh.", "bsh."], what="flash_attn_with_kvcache")
+  else:
+    k_cache, v_cache = append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, plan)
   out, lse = attend(q, k_cache, v_cache, seqlens + plan.s_new, leftpad,
-                    page_table(cache_batch_idx, block_table, plan), alibi_slopes, plan)
+                    page_table(cache_batch_idx, block_table, plan), alibi_slopes, plan,
+                    rows_are_batch)
   return out, lse, k_cache, v_cache
 
 
@@ -337,13 +373,13 @@ def rotate_into(q, k, rotary_cos, rotary_sin, seqlens, q_out, k_out, interleaved
 @functools.partial(jax.jit, static_argnums=(7,))
 def attend_plain(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: CachePlan):
   """attend() with table the contiguous cache rows (b,) or the block table (b, max_pages)."""
-  return attend(q, k_cache, v_cache, end, leftpad, table.reshape(-1), alibi_slopes, plan)
+  return attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan)
 
 
 @functools.partial(jax.jit, static_argnums=(9,), donate_argnums=(7, 8))
 def attend_into(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, out, lse, plan: CachePlan):
   del out, lse  # donated: XLA writes the results into them
-  return attend(q, k_cache, v_cache, end, leftpad, table.reshape(-1), alibi_slopes, plan)
+  return attend(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attn import _compat, checks
+from pallas_attn import _compat, checks, sharding
 from pallas_attn.backends import triton_landmark
 from pallas_attn.backends.triton_landmark import LandmarkSpec
 from pallas_attn.flash import _dispatch
@@ -32,7 +32,10 @@ def _kernel(fn, q, spec, cfgs):
 def forward(q, k, v, spec: LandmarkSpec, cfgs: KernelConfigs | None = None):
   """q (B, H, Lq, d), k/v (B, H, Lk, d) -> out like q, lse (B, H, Lq) fp32."""
   kernel = _kernel(triton_landmark.forward, q, spec, cfgs)
-  return tuple(_dispatch(lambda q, k, v, interpret: kernel(q, k, v, interpret=interpret), q, k, v))
+  return sharding.local(
+      lambda q, k, v: tuple(_dispatch(lambda q, k, v, interpret: kernel(q, k, v, interpret=interpret),
+                                      q, k, v)),
+      [q, k, v], ["bhs."] * 3, ["bhs.", "bhs"], what="fused_landmark_attention")
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
@@ -43,10 +46,12 @@ def backward(q, k, v, out, lse, dout, dlse, spec: LandmarkSpec, cfgs: KernelConf
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = _kernel(triton_landmark.backward, q, spec, cfgs)
-  return tuple(_dispatch(
+  run = lambda *a: tuple(_dispatch(  # noqa: E731
       lambda q, k, v, out, lse, dout, dlse, interpret: kernel(q, k, v, out, lse, dout, dlse,
-                                                              interpret=interpret),
-      q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32)))
+                                                              interpret=interpret), *a))
+  return sharding.local(run, [q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32)],
+                        ["bhs."] * 4 + ["bhs", "bhs.", "bhs"], ["bhs."] * 3,
+                        what="fused_landmark_attention")
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6), donate_argnums=(3, 4))

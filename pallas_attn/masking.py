@@ -34,15 +34,23 @@ class BandMask:
   top_left makes off = 0, the convention of jax.nn.dot_product_attention, where query i and key i
   share a position whatever the lengths (in varlen calls: per sequence, from its own start).
   left/right None means unbounded on that side; causal is right = 0.
+
+  shift, when set, is off (whatever top_left says): query row i sits at key position i + shift. A
+  ring step (pallas_attn/ring.py) uses it for a block of a longer sequence, with shift the distance
+  between the block's first query and first key, so both the band and ALiBi's |i + off - j| are the
+  global ones.
   """
   sq: int
   sk: int
   left: int | None = None
   right: int | None = None
   top_left: bool = False
+  shift: int | None = None
 
   @property
   def off(self):
+    if self.shift is not None:
+      return self.shift
     return 0 if self.top_left else self.sk - self.sq
 
   @property

@@ -1,5 +1,6 @@
-"""Shared pytest set-up: the `gpu` marker, the import path for a plain checkout, and a bound on the
-memory mappings that compiled executables pile up in one long test process."""
+"""Shared pytest set-up: four virtual CPU devices, the `gpu` marker, the import path for a plain
+checkout, and a bound on the memory mappings that compiled executables pile up in one long test
+process."""
 from __future__ import annotations
 
 import gc
@@ -7,6 +8,13 @@ import os
 import sys
 
 import pytest
+
+# Four virtual CPU devices for the multi-device tests (test_ring.py, test_sharded.py). XLA reads the
+# flag when jax first initializes its CPU backend, so it is set here, before any test imports jax;
+# single-device tests are unaffected (they run on device 0). A flag set by the caller wins.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()
 
 # `pytest tests` from a checkout that was not pip-installed still imports the package under test.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

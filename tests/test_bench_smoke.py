@@ -54,3 +54,20 @@ def test_models_smoke_trains_and_decodes_both_ways(tmp_path):
     ref_loss = row[models.REFERENCE[name]]["train"]["loss"]
     assert abs(ours["train"]["loss"] - ref_loss) < 1e-3 * max(1.0, abs(ref_loss)), name
     assert all(r["compiles"] == 0 for r in ours["decode_again"]), f"{name}: decode recompiled"
+
+
+def test_ring_smoke_writes_json(tmp_path):
+  # bench.ring --smoke: the one-device comparison and (with conftest's 4 CPU devices) the scaling
+  # part on 1 and 2 devices, in interpret mode.
+  from bench import ring  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "ring.json"
+  report = ring.main(["--smoke", "--out", str(out)])
+  data = json.loads(out.read_text())
+  assert data["one_gpu"] and all(r["plain_ms"] > 0 and r["ring_n1_ms"] > 0 for r in data["one_gpu"])
+  assert all(r["max_abs_diff"] < 1e-4 for r in data["one_gpu"]), data["one_gpu"]
+  assert {(r["causal"], r["layout"], r["direction"]) for r in data["one_gpu"]} == {
+      (c, l, d) for c, l in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag"))
+      for d in ("fwd", "fwdbwd")}
+  if len(report["scaling"]):
+    assert {r["devices"] for r in data["scaling"]} == {1, 2}
+    assert all(r["tflops"] > 0 and r["efficiency"] > 0 for r in data["scaling"])

@@ -4,8 +4,8 @@ Decoding reads the whole cache for one or a few query rows, so the work is memor
 kernel is organised around the keys: one program per (query-row tile, split, batch row, kv head)
 walks its share of that row's key tiles once, for all G query heads of the group and all sq query
 rows together (rows r = i * G + g of a [G * sq, d] query tile), so the tile fills the MMA even at
-sq = 1. A split writes its normalized partial output and partial lse; `merge` combines the splits
-by lse. With one split the kernel writes the final output and lse directly.
+sq = 1. A split writes its normalized partial output and partial lse; `lse_merge.merge` combines
+the splits by lse. With one split the kernel writes the final output and lse directly.
 
 Cache addressing: the cache is a set of pages (num_pages, page, Hk, d), absolute position p of batch
 row b living in page table[b, p // page], row p % page. A contiguous cache is the same thing with one
@@ -178,7 +178,7 @@ def decode(q, k_cache, v_cache, end, leftpad, table, alibi, *, spec: DecodeSpec,
 
   Returns out (b, Hk, G * sq, d) in q's dtype and lse (b, Hk, G * sq) fp32 (+inf on empty rows);
   with spec.num_splits > 1, (n_split, b, Hk, rows, d) fp32 partials and their lse (-inf where a
-  split saw nothing), to be combined by `merge`.
+  split saw nothing), to be combined by `lse_merge.merge`.
   """
   b, hk, m, d = q.shape
   dp = _compat.next_power_of_2(max(d, 16))
@@ -213,14 +213,3 @@ def decode(q, k_cache, v_cache, end, leftpad, table, alibi, *, spec: DecodeSpec,
       name="pallas_attn_decode",
   )(*args)
 
-
-def merge(o_part, lse_part, dtype):
-  """Combines split partials (n_split, ...) by their lse: out in `dtype`, lse +inf on empty rows."""
-  m = jnp.max(lse_part, axis=0)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  w = jnp.exp(lse_part - m_safe)  # 0 for splits that saw nothing
-  total = jnp.sum(w, axis=0)
-  empty = total == 0.0
-  out = jnp.sum(w[..., None] * o_part, axis=0) / jnp.where(empty, 1.0, total)[..., None]
-  lse = jnp.where(empty, _INF, m_safe + jnp.log(jnp.where(empty, 1.0, total)))
-  return out.astype(dtype), lse
