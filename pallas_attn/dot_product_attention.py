@@ -146,7 +146,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   Arguments (jax.nn's; B batch, T query length, S key length, N query heads, K kv heads, H head dim):
     query (B, T, N, H) or (T, N, H); key, value (B, S, K, H) or (S, K, H), N a multiple of K.
     bias: additive logits term broadcastable to (B, N, T, S); gets a gradient.
-    mask: bool, broadcastable to (B, N, T, S); True takes part.
+    mask: bool, broadcastable to (B, N, T, S); True takes part (numbers, as Flax's float masks:
+      nonzero takes part).
     scale: defaults to 1 / sqrt(H).
     is_causal: key j visible to query i iff j <= i (top-left aligned, as jax.nn).
     query_seq_lengths, key_value_seq_lengths: int32 (B,): rows past them are padding (output 0).
@@ -180,8 +181,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   s = k.shape[1]
   bias, mask = _as_4d("bias", bias), _as_4d("mask", mask)
   if mask is not None and mask.dtype != jnp.bool_:
-    raise ValueError(f"mask: expected bool (True takes part; pass additive masks as bias), got "
-                     f"{mask.dtype}")
+    # Flax's masks (nn.make_attention_mask, make_causal_mask) are float 0/1 and Flax reads any
+    # nonzero as "takes part"; jax.nn only takes bool. Read numbers as Flax does so the function
+    # works as Flax's attention_fn unchanged (additive masks belong in bias).
+    if not (jnp.issubdtype(mask.dtype, jnp.number)):
+      raise ValueError(f"mask: expected bool or a 0/1 number array (nonzero takes part), got "
+                       f"{mask.dtype}")
+    mask = mask != 0
   q_len = _lengths("query_seq_lengths", query_seq_lengths, b, t)
   kv_len = _lengths("key_value_seq_lengths", key_value_seq_lengths, b, s)
 

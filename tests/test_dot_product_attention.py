@@ -132,9 +132,17 @@ def test_flax_attention_fn_keywords():
                                                   "broadcast_dropout": True})
 
 
+def test_float_mask_reads_as_flax():
+  """Flax's masks are float 0/1 (nn.make_causal_mask): nonzero takes part, the same as the bool mask."""
+  (q, k, v, _), _ = _inputs("float32")
+  keep = jax.random.bernoulli(jax.random.PRNGKey(5), 0.7, (1, 1, T, S)).at[..., 0].set(True)
+  ours = pallas_attn.dot_product_attention(q, k, v, mask=keep.astype(jnp.float32))
+  np.testing.assert_array_equal(ours, pallas_attn.dot_product_attention(q, k, v, mask=keep))
+  assert not np.allclose(ours, pallas_attn.dot_product_attention(q, k, v))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(implementation="cudnn"), "implementation"),
-    (dict(mask=jnp.ones((1, 1, T, S), jnp.float32)), "mask: expected bool"),
     (dict(bias=jnp.ones((1, 3, T, S))), r"bias: expected a shape broadcastable"),
     (dict(query_seq_lengths=np.array([1, 2, 3], np.int32)), "query_seq_lengths"),
     (dict(local_window_size=(1, 2, 3)), "local_window_size"),
