@@ -61,6 +61,10 @@ def _check(fn, args, specs, kind, out_specs, *, allow=()):
 
 
 BSHD = P("data", None, "model", None)  # batch over data, heads over model
+# Both kinds for the dense function, the ring pointer and dot_product_attention; the other families
+# take one each, alternating: the Explicit (shard_map) and Auto (custom_partitioning) mechanisms are
+# shared by every family (pallas_attn/sharding.local), and a family's own part, the roles of its
+# operands, is checked by either (which keeps this file's CPU time in the CI budget).
 KINDS = ("explicit", "auto")
 
 
@@ -84,7 +88,7 @@ def test_flash_attn_func(kind, spec):
   _check(f, (q, k, v), [spec] * 3, kind, [P(*full), lse_spec, P(*full), P(*full), P(*full)])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["auto"])  # one kind: see KINDS
 def test_packed_and_alibi(kind):
   qkv = _rand(0, (B, S, 3, H, D))
   q, kv = _rand(1, (B, S, H, D)), _rand(2, (B, S, 2, H, D))
@@ -102,7 +106,7 @@ def _varlen_inputs():
   return _rand(0, (24, H, D)), _rand(1, (24, HK, D)), _rand(2, (24, HK, D)), cu
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["explicit"])  # one kind: see KINDS
 def test_varlen_heads(kind):
   q, k, v, cu = _varlen_inputs()
   heads = P(None, "model", None)
@@ -117,7 +121,7 @@ def test_varlen_heads(kind):
   _check(f, (q, kv), [heads, P(None, None, "model", None)], kind, [heads])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["auto"])  # one kind: see KINDS
 def test_sinks(kind):
   q, k, v = _rand(0, (B, S, H, D)), _rand(1, (B, S, HK, D)), _rand(2, (B, S, HK, D))
   sink = _rand(3, (2, H))
@@ -141,7 +145,7 @@ def test_sinks(kind):
   _check(f, (q, k, v, ssh), [BSHD] * 3 + [P("data", None, None, "model")], kind, [BSHD])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["explicit"])  # one kind: see KINDS
 def test_varlen_sinks(kind):
   q, k, v, cu = _varlen_inputs()
   sink = _rand(3, (2, H))
@@ -158,7 +162,7 @@ def test_varlen_sinks(kind):
   _check(f, (qkv, sink), [packed, P(None, "model")], kind, [heads])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["auto"])  # one kind: see KINDS
 def test_kvcache(kind):
   q, kn, vn = _rand(0, (B, 1, H, D)), _rand(1, (B, 1, HK, D)), _rand(2, (B, 1, HK, D))
   kc, vc = _rand(3, (B, 32, HK, D)), _rand(4, (B, 32, HK, D))
@@ -173,7 +177,7 @@ def test_kvcache(kind):
          [BSHD, P("data", "model", None), BSHD, BSHD])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["explicit"])  # one kind: see KINDS
 def test_kvcache_paged_heads(kind):
   q, kn, vn = _rand(0, (B, 1, H, D)), _rand(1, (B, 1, HK, D)), _rand(2, (B, 1, HK, D))
   kc, vc = _rand(3, (4, 16, HK, D)), _rand(4, (4, 16, HK, D))
@@ -189,7 +193,7 @@ def test_kvcache_paged_heads(kind):
   _check(f, (q, kc, vc, kn, vn), [heads] * 5, kind, [heads, heads, heads])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["auto"])  # one kind: see KINDS
 def test_flash_dma(kind):
   q, k, v = _rand(0, (B, S, H, D)), _rand(1, (B, S, HK, D)), _rand(2, (B, S, HK, D))
   zoh = _rand(3, (B, HK, S, S))
@@ -205,7 +209,7 @@ def test_flash_dma(kind):
          [mask_spec, BSHD, P("data", "model", None), BSHD, BSHD, BSHD, mask_spec])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["explicit"])  # one kind: see KINDS
 def test_landmark_and_sparse(kind):
   q, k, v = (_rand(i, (B, H, 32, D)) for i in range(3))
   bhsd = P("data", "model", None, None)
@@ -245,7 +249,7 @@ def test_dot_product_attention(kind):
   _check(f, (q, k, v, bias), [BSHD] * 3 + [P("data", "model", None, None)], kind, [BSHD])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["auto"])  # one kind: see KINDS
 def test_dot_product_attention_lengths(kind):
   """The length packing mixes batch rows: per shard under Explicit axes; under Auto axes (where the
   shardings are known only inside the kernel call) batch sharding is refused, not gathered."""
