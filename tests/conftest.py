@@ -16,6 +16,27 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
+# Without a CUDA plugin every kernel runs in Pallas interpret mode, where a test's time is mostly
+# XLA's CPU compile of the interpreted kernel (a loop over the grid, run once at a small shape):
+# backend optimization level 0 halves the CPU suite's time (measured: 211 s -> 121 s on 25 sweep
+# cases). Only on machines without a CUDA plugin, because XLA_FLAGS also reaches the GPU compiler;
+# a level set by the caller wins.
+def _has_cuda_plugin() -> bool:
+  import importlib.util
+  for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13",
+               "jax_plugins.xla_cuda12"):
+    try:
+      if importlib.util.find_spec(name) is not None:
+        return True
+    except ImportError:  # a dotted name whose parent package is absent
+      pass
+  return False
+
+
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "") and not _has_cuda_plugin():
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
+
 # `pytest tests` from a checkout that was not pip-installed still imports the package under test.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
