@@ -3,9 +3,11 @@
 Public functions validate and reshape their arguments, build an AttentionSpec and call `attention`;
 its custom VJP runs the Pallas backward. `forward` and `backward` are the same two jitted steps for
 callers that drive autodiff themselves (the torch bridge); the `_into` forms write into donated
-buffers. The kernel backend is chosen per lowering platform: Triton on CUDA, Pallas interpret mode
-elsewhere (or everywhere with PALLAS_ATTN_INTERPRET=1). With inputs sharded over batch or heads,
-each kernel call runs per shard (pallas_attn/sharding.py).
+buffers. The kernel backend is chosen per call and lowering platform (backends/registry.py): on
+CUDA the preferred backend that covers the call, or the one spec.backend / PALLAS_ATTN_BACKEND
+names; Triton's kernels in Pallas interpret mode elsewhere (or everywhere with
+PALLAS_ATTN_INTERPRET=1). With inputs sharded over batch or heads, each kernel call runs per shard
+(pallas_attn/sharding.py).
 
 Optional inputs (pallas_attn/operands.py's Operands inside; positional here, in this order, for the
 torch bridge): alibi (b, H, 1) fp32 slopes; sink fp32 logits, (H, s_sink) for spec.sink == "sh" or
@@ -19,27 +21,15 @@ dtype) and keep, both (b, Hk, sq, sk), for spec.bias_mask (the bias gets a gradi
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-from pallas_attn import _compat, sharding
-from pallas_attn.backends import triton_flash
+from pallas_attn import sharding
+from pallas_attn.backends import registry
 from pallas_attn.operands import Grads, Operands
 from pallas_attn.spec import AttentionSpec
 from pallas_attn.tiles import KernelConfigs
-
-
-def _force_interpret() -> bool:
-  return os.environ.get("PALLAS_ATTN_INTERPRET", "0") not in ("", "0")
-
-
-def _dispatch(kernel, *args):
-  if _force_interpret():
-    return kernel(*args, interpret=True)
-  return _compat.on_platforms(*args, gpu=functools.partial(kernel, interpret=False),
-                              cpu=functools.partial(kernel, interpret=True))
 
 
 def _roles(spec: AttentionSpec):
@@ -72,8 +62,8 @@ def _run_forward(q, k, v, ops: Operands, spec, cfgs, into=None):
     return tuple(backend.forward(q, k, v, ops, spec=spec, cfgs=cfgs, head_dim=q.shape[-1],
                                  interpret=interpret, into=into))
 
-  kernel = lambda *a: _dispatch(  # noqa: E731
-      lambda *a, interpret: run(triton_flash, interpret, *a), *a)
+  kernel = lambda q, k, v, ops, into: registry.dispatch(  # noqa: E731
+      "forward", spec, q, run, q, k, v, ops, into)
   if into is not None:  # the torch bridge's aliased buffers: one device
     return kernel(q, k, v, ops, into)
   qkv_roles, op_roles, out_roles = _roles(spec)
@@ -96,8 +86,7 @@ def _run_backward(q, k, v, ops: Operands, out, lse, dout, dlse, spec, cfgs, into
     return backend.backward(q, k, v, out, lse, dout, dlse, ops, spec=spec, cfgs=cfgs,
                             head_dim=q.shape[-1], interpret=interpret, into=into)
 
-  kernel = lambda *a: _dispatch(  # noqa: E731
-      lambda *a, interpret: run(triton_flash, interpret, *a), *a)
+  kernel = lambda *a: registry.dispatch("backward", spec, a[0], run, *a)  # noqa: E731
   if into is not None:
     return kernel(q, k, v, out, lse, dout, dlse, ops, into)
   (q_role, k_role, v_role), op_roles, (o_role, lse_role) = _roles(spec)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_attn import _compat, dropout, masking, tiles
+from pallas_attn.backends import registry
 from pallas_attn.operands import Grads, Operands
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
@@ -905,3 +907,15 @@ def backward(q, k, v, out, lse, dout, dlse, ops: Operands, *, spec: AttentionSpe
   dsink = dsink[0]
   return Grads(dq, dk, dv, dsink=jnp.sum(dsink, axis=(0, 1)) if spec.sink == "sh" else dsink)
 
+
+def covers(call) -> str | None:
+  """Every option of the family, fp16 / bf16 / fp32 and head dims up to 256 (padded to a power
+  of two), compiled for CUDA or in interpret mode (backends/registry.py)."""
+  if jnp.dtype(call.dtype) not in (jnp.float16, jnp.bfloat16, jnp.float32):
+    return f"dtypes float16, bfloat16 and float32, got {jnp.dtype(call.dtype).name}"
+  if call.head_dim > 256:
+    return f"head dims up to 256, got {call.head_dim}"
+  return None
+
+
+registry.register("triton", sys.modules[__name__])
