@@ -17,6 +17,8 @@ tiles by offset, so both layouts run the same code; the head dim is padded to a 
   the query tiles that can see it, so GQA gradients are summed in registers without atomics.
 
 The variant options (AttentionSpec) are static: each kernel compiles only the score terms it uses.
+The tile math itself (score modifiers, element test, online softmax, logit gradient, sink terms) is
+backends/kernel_math.py's, shared with the decode and landmark kernels and other backends.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_attn import _compat, dropout, masking, tiles
-from pallas_attn.backends import registry
+from pallas_attn.backends import kernel_math as km, registry
 from pallas_attn.operands import Grads, Operands
-from pallas_attn.spec import LN2, LOG2E, AttentionSpec
+from pallas_attn.spec import LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 _INF = float("inf")
@@ -52,42 +54,6 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
   precision = _FP32_DOT if a.dtype == jnp.float32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-class _Scores:
-  """The logit pipeline of SPEC section 0 in the exp2 domain, and its derivative.
-
-  log2-domain logit: t * log2(e), where t = scale * raw, or softcap * tanh(scale * raw / softcap),
-  plus ALiBi's -slope * |i + off - j|. Masking is applied by the caller.
-  """
-
-  def __init__(self, spec: AttentionSpec, mask, slope):
-    self.spec = spec
-    self.mask = mask  # the sequence's own mask (its lengths may be traced)
-    self.slope = slope  # scalar fp32 or None
-
-  def logits(self, raw, rows, cols, transposed: bool = False):
-    """raw is [rows, cols], or [cols, rows] when transposed (the dK/dV pass)."""
-    spec = self.spec
-    if spec.softcap > 0:
-      th = jnp.tanh(raw * (spec.scale / spec.softcap))
-      s = th * (spec.softcap * LOG2E)
-    else:
-      th = None
-      s = raw * (spec.scale * LOG2E)
-    if spec.alibi:
-      i = (rows[None, :] if transposed else rows[:, None]) + self.mask.off
-      j = cols[:, None] if transposed else cols[None, :]
-      dist = jnp.abs(i - j).astype(jnp.float32)
-      s = s - (self.slope * LOG2E) * dist
-    return s, th
-
-  def raw_grad(self, ds, th):
-    """d loss / d raw from d loss / d t (ALiBi is additive, so it drops out)."""
-    spec = self.spec
-    if spec.softcap > 0:
-      return ds * ((1.0 - th * th) * spec.scale)
-    return ds * spec.scale
 
 
 def _tile_loops(bounds, body, carry):
@@ -223,14 +189,6 @@ class _Dropout:
     return delta if self.p == 0 else delta * (1.0 - self.p)
 
 
-def _logit_grad(p, pd, dp, delta):
-  """d loss / d logit, over the dropout scale: P * (keep * dP - delta). pd is P with the dropped
-  entries zeroed (P itself without dropout); the mask itself need not stay live across dP's product."""
-  if pd is p:
-    return p * (dp - delta)
-  return pd * dp - p * delta
-
-
 class _BiasMask:
   """Tiles of the dynamic mask's bias (exp2 domain) and keep test for one (batch, kv head)."""
 
@@ -254,11 +212,6 @@ class _BiasMask:
 
 def _bias_mask(ops: Operands):
   return None if ops.bias is None else _BiasMask(ops.bias, ops.keep)
-
-
-def _visible(mask, dyn_keep, rows, cols, transposed=False):
-  vis = mask.visible(rows, cols, transposed=transposed)
-  return vis if dyn_keep is None else vis & dyn_keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,14 +301,6 @@ def _sink_logits2(sink_ref, rows_at, row_ok, n_sink: int, per_row: bool):
     return _compat.load(sink_ref.at[pl.ds(0, s_pad)], mask=col_ok, other=-_INF) * LOG2E
   return _compat.load(sink_ref.at[rows_at, pl.ds(0, s_pad)], mask=row_ok[:, None] & col_ok[None, :],
                       other=-_INF) * LOG2E
-
-
-def _sink_seed(z2, rows: int):
-  """Running max and sum that start from the sink logits, as if they were already-seen keys."""
-  m0 = jnp.max(z2, axis=-1)
-  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # rows past the sequence in the per-row layout
-  l0 = jnp.sum(jnp.exp2(z2 - m0[..., None] if z2.ndim == 2 else z2 - m0), axis=-1)
-  return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
 
 
 def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False, counts=None,
@@ -496,7 +441,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     head_ok = _head_mask(dp, head_dim)
     tile_mask = _and(row_ok[:, None], head_ok)
     q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
-    scores = _Scores(spec, mask, _load_slope(ops.alibi))
+    scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi))
     drop = _Dropout(spec, ops.seed, batch, head, nheads, asm)
     dyn = _bias_mask(ops)
 
@@ -513,13 +458,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
         bias, keep = dyn.tile(q_tile * bq, start, row_ok, cols < mask.sk, masked)
         s = s + bias
       if masked:
-        s = jnp.where(_visible(mask, keep, rows, cols), s, -_INF)
-      m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-      # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
-      m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
-      alpha = jnp.exp2(m_i - m_use)
-      p = jnp.exp2(s - m_use[:, None])
-      l_i = l_i * alpha + jnp.sum(p, axis=1)
+        s = jnp.where(km.visible(mask, rows, cols, keep), s, -_INF)
+      m_new, alpha, p, l_i = km.softmax_step(m_i, l_i, s, masked)
       v = _load(v_ref.at[kv_at], kv_mask, 0.0)
       # lse and the normalizer count every probability; only P @ V sees the dropped ones
       # (their 1 / (1 - p) scale is applied once, at the end).
@@ -530,13 +470,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     if ops.sink is None:
       m0, l0 = jnp.full((bq,), -_INF, jnp.float32), jnp.zeros((bq,), jnp.float32)
     else:
-      m0, l0 = _sink_seed(_sink_logits2(ops.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
+      m0, l0 = km.sink_seed(_sink_logits2(ops.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
     carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
     acc, m_i, l_i = _visit(mask, tables, q_tile, bq, bk, body, carry)
 
-    empty = l_i == 0.0
-    out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
-    lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
+    out, lse = km.finish(acc, m_i, l_i, drop.scale)
     rows_out, ok_out = _store_rows(spec, ops, batch, q_tile * bq, bq, rows_at, row_ok,
                                    totals)
     _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), _and(ok_out[:, None], head_ok))
@@ -624,10 +562,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     do = _load(do_ref.at[rows_at, :], tile_mask, 0.0)
     o = _load(o_ref.at[rows_at, :], tile_mask, 0.0)
     # d lse / d t = P, so an incoming lse cotangent folds into delta.
-    delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
-             - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0))
+    delta = km.o_dot_do(o, do) - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0)
     lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
-    scores = _Scores(spec, mask, _load_slope(ops.alibi))
+    scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi))
     drop = _Dropout(spec, ops.seed, batch, head, nheads, asm)
     delta_d = drop.delta(delta)
     dyn = _bias_mask(ops)
@@ -645,9 +582,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
         s = s + bias
       p = jnp.exp2(s - lse2[:, None])
       if masked:
-        p = jnp.where(_visible(mask, keep, rows, cols), p, 0.0)
+        p = jnp.where(km.visible(mask, rows, cols, keep), p, 0.0)
       dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(q_tile * bq, bq, start, bk))
-      ds = scores.raw_grad(p * (dpv - delta_d[:, None]), th)
+      ds = scores.raw_grad(km.logit_grad(p, p, dpv, delta_d[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _visit(mask, tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
@@ -660,10 +597,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     _store(delta_ref.at[pl.ds(q_tile * bq, bq)], delta_d, None)  # shifted for dropout
     _store(lse2_ref.at[pl.ds(q_tile * bq, bq)], lse2, None)
     if ops.sink is not None:
-      # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
       z2 = _sink_logits2(ops.sink, rows_at, row_ok, n_sink, per_row_sink)
       z2 = z2 if per_row_sink else z2[None, :]
-      contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
+      contrib = km.sink_grad(z2, lse2, delta)  # [bq, s_pad]
       col_ok = jnp.arange(z2.shape[-1]) < n_sink
       if per_row_sink:
         _compat.store(dsink_ref.at[rows_at, pl.ds(0, z2.shape[-1])], contrib,
@@ -705,7 +641,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
     # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
     # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
     def head(g, carry):
-      scores = _Scores(spec, mask, _load_slope(ops.alibi, g))
+      scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi, g))
       drop = _Dropout(spec, ops.seed, batch, kv_head * group + g, nheads, asm)
 
       def body(q_tile, carry, masked):
@@ -730,7 +666,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
         pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
         dv = dv + _dot(pd_t.astype(do.dtype), do)
         dp_t = _dot(v, do, trans_b=True)
-        ds_t = scores.raw_grad(_logit_grad(p_t, pd_t, dp_t, delta[None, :]), th)
+        ds_t = scores.raw_grad(km.logit_grad(p_t, pd_t, dp_t, delta[None, :]), th)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
@@ -745,7 +681,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
       row_ok = rows < mask.sq
       q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
       bias_t, keep_t = dyn.tile(start, kv_tile * bk, row_ok, col_ok, masked, transposed=True)
-      scores = _Scores(spec, mask, None)
+      scores = km.Scores(spec.scale, spec.softcap, mask)
 
       def head(g, carry):
         dk, dv, dbias_t = carry
@@ -758,11 +694,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
-          p_t = jnp.where(_visible(mask, keep_t, rows, cols, transposed=True), p_t, 0.0)
+          p_t = jnp.where(km.visible(mask, rows, cols, keep_t, transposed=True), p_t, 0.0)
         pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
         dv = dv + _dot(pd_t.astype(do.dtype), do)
         dp_t = _dot(v, do, trans_b=True)
-        dt_t = _logit_grad(p_t, pd_t, dp_t, delta[None, :])  # also the bias gradient (/ scale)
+        dt_t = km.logit_grad(p_t, pd_t, dp_t, delta[None, :])  # also the bias gradient (/ scale)
         dk = dk + _dot(scores.raw_grad(dt_t, th).astype(q.dtype), q)
         return dk, dv, dbias_t + dt_t
 
