@@ -125,11 +125,8 @@ def select(call: Call, explicit: str | None = None) -> str:
   not cover it, or when no backend covers it."""
   _import_backends()
   if explicit is not None:
-    backend = _BACKENDS.get(explicit)
-    if backend is None:
-      raise ValueError(f"backend: unknown backend {explicit!r} (spec.backend or "
-                       f"PALLAS_ATTN_BACKEND); registered: {', '.join(names())}")
-    reason = backend.covers(call)
+    _check_name(explicit)
+    reason = _BACKENDS[explicit].covers(call)
     if reason is not None:
       raise ValueError(f"backend {explicit!r} does not cover the {call}: {reason}")
     return explicit
@@ -143,6 +140,12 @@ def select(call: Call, explicit: str | None = None) -> str:
       return name
     reasons.append(f"{name}: {reason}")
   raise ValueError(f"no backend covers the {call}: {'; '.join(reasons) or 'none registered'}")
+
+
+def _check_name(name: str) -> None:
+  if name not in names():
+    raise ValueError(f"backend: unknown backend {name!r} (spec.backend or PALLAS_ATTN_BACKEND); "
+                     f"registered: {', '.join(names())}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,6 +172,8 @@ def dispatch(phase: str, spec: AttentionSpec, q, run: Callable, *args):
   forward or backward and returns its result (any pytree of arrays).
   """
   explicit = explicit_choice(spec)
+  if explicit is not None:
+    _check_name(explicit)  # once, not per branch
 
   def branch(platform):
     call = Call(spec, phase, np.dtype(q.dtype), q.shape[-1], platform,
