@@ -4,6 +4,7 @@ JAX idiom where JAX forces it: dropout takes the keyword-only PRNG key `dropout_
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -72,11 +73,13 @@ def _window_of(mask):
 
 
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-           return_attn_probs, dropout_key, tiles=None, bucket_lengths=False):
+           return_attn_probs, dropout_key, tiles=None, bucket_lengths=False, backend=None):
   spec, alibi = prepare(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+  spec = dataclasses.replace(spec, backend=backend)
   seed = dropout_seed(dropout_p, dropout_key)
   if bucket_lengths and seed is None and 0 not in (q.shape[1], k.shape[1]):
-    out, lse = _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles)
+    out, lse = _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles,
+                         backend)
     return (out, lse, jnp.zeros((0,), q.dtype)) if return_attn_probs else out
   out, lse = attention(q, k, v, alibi, spec, tiles, None, None, seed)
   if return_attn_probs:
@@ -86,20 +89,21 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
   return out
 
 
-def _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles):
+def _bucketed(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, tiles, backend):
   """(out, lse) computed at bucket lengths through the varlen kernels (pallas_attn/buckets.py)."""
   from pallas_attn.flash_attn_varlen import prepare_varlen  # pylint: disable=g-import-not-at-top
   b, sq = q.shape[:2]
   qp, kp, vp, cu_q, cu_k = buckets.dense_as_varlen(q, k, v)
   spec, alibi, seqlens = prepare_varlen(qp, kp, vp, cu_q, cu_k, sq, k.shape[1], 0.0, softmax_scale,
                                         causal, window_size, softcap, alibi_slopes)
+  spec = dataclasses.replace(spec, backend=backend)
   out, lse = attention(qp, kp, vp, alibi, spec, tiles, None, seqlens, None)
   return buckets.dense_from_varlen(out, lse, b, sq)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                    dropout_key=None, tiles=None, bucket_lengths=False):
+                    dropout_key=None, tiles=None, bucket_lengths=False, backend=None):
   """Scaled dot-product attention softmax(q k^T * scale) v without materializing the scores.
 
   Arguments:
@@ -122,35 +126,39 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     bucket_lengths: (keyword-only, JAX face only) compute at bucket lengths (pallas_attn/buckets.py:
       padded operands, real lengths read at run time by the varlen kernels), so calls at many
       sequence lengths share O(log) compiled kernels; same results. Ignored with dropout.
+    backend: (keyword-only, JAX face only) the kernel backend by name ("triton", or "mosaic" where
+      registered; pallas_attn/backends/registry.py), overriding PALLAS_ATTN_BACKEND; None lets
+      the dispatcher choose per call. A backend that does not cover the call raises ValueError.
   Returns:
     out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
   """
   del deterministic
   return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                return_attn_probs, dropout_key, tiles, bucket_lengths)
+                return_attn_probs, dropout_key, tiles, bucket_lengths, backend)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False, *, dropout_key=None,
-                              tiles=None):
+                              tiles=None, backend=None):
   """flash_attn_func with qkv (batch, seqlen, 3, nheads, headdim) stacked."""
   del deterministic
   checks.require_array("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)")
   if qkv.shape[2] != 3:
     raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
   return _flash(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, return_attn_probs, dropout_key, tiles)
+                window_size, softcap, alibi_slopes, return_attn_probs, dropout_key, tiles,
+                backend=backend)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False, *, dropout_key=None,
-                              tiles=None):
+                             tiles=None, backend=None):
   """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) stacked."""
   del deterministic
   checks.require_array("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
   if kv.shape[2] != 2:
     raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   return _flash(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                alibi_slopes, return_attn_probs, dropout_key, tiles)
+                alibi_slopes, return_attn_probs, dropout_key, tiles, backend=backend)

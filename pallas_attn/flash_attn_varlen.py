@@ -159,10 +159,11 @@ def s_dmask_varlen(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-            block_table, dropout_key, tiles):
+            block_table, dropout_key, tiles, backend=None):
   spec, alibi, seqlens = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                         softcap, alibi_slopes, block_table)
+  spec = dataclasses.replace(spec, backend=backend)
   seed = dropout_seed(dropout_p, dropout_key)
   out, lse = attention(q, k, v, alibi, spec, tiles, None, seqlens, seed)
   if return_attn_probs:
@@ -177,7 +178,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, block_table=None, *, dropout_key=None,
-                           tiles=None):
+                           tiles=None, backend=None):
   """flash_attn_func over packed sequences.
 
   Arguments:
@@ -193,6 +194,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     block_table: optional int32 (batch, max_num_blocks_per_seq); key p of sequence s is row
       p % page_block_size of page block_table[s, p // page_block_size]. Forward only: no dropout,
       and differentiating through the call raises NotImplementedError.
+    backend: (keyword-only) as flash_attn_func.
   Returns:
     out (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q) fp32, S_dmask). S_dmask
     is empty without dropout, else (batch, nheads, max_seqlen_q, max_seqlen_k): sequence s's P in
@@ -201,13 +203,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
   del deterministic
   return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-                 block_table, dropout_key, tiles)
+                 block_table, dropout_key, tiles, backend)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                      causal=False, window_size=(-1, -1), softcap=0.0,
                                      alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False, *, dropout_key=None, tiles=None):
+                                     return_attn_probs=False, *, dropout_key=None, tiles=None,
+                                     backend=None):
   """flash_attn_varlen_func with qkv (total, 3, nheads, headdim) and one set of offsets."""
   del deterministic
   checks.require_array("qkv", qkv, 4, "(total, 3, nheads, headdim)")
@@ -215,14 +218,14 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
   return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 return_attn_probs, None, dropout_key, tiles)
+                 return_attn_probs, None, dropout_key, tiles, backend)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     dropout_p=0.0, softmax_scale=None, causal=False,
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False, *,
-                                    dropout_key=None, tiles=None):
+                                    dropout_key=None, tiles=None, backend=None):
   """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim)."""
   del deterministic
   checks.require_array("kv", kv, 4, "(total_k, 2, nheads_k, headdim)")
@@ -230,4 +233,4 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
   return _varlen(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 return_attn_probs, None, dropout_key, tiles)
+                 return_attn_probs, None, dropout_key, tiles, backend)

@@ -18,7 +18,7 @@ import numpy as np
 
 from pallas_attn import _compat, checks, lse_merge, sharding
 from pallas_attn.backends import triton_decode
-from pallas_attn.flash import _dispatch
+from pallas_attn.backends.registry import by_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +310,7 @@ def _attend_local(q, k_cache, v_cache, end, leftpad, table, alibi_slopes, plan: 
     slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (b, h)).reshape(b, hk, 1, g)
     alibi = jnp.broadcast_to(slopes, (b, hk, sq, g)).reshape(b, hk, sq * g)
   kernel = functools.partial(triton_decode.decode, spec=spec)
-  out, lse = _dispatch(
+  out, lse = by_platform(
       lambda q, kc, vc, end, pad, table, alibi, interpret: kernel(
           q, kc, vc, end, pad, table, alibi, interpret=interpret),
       qg, k_cache, v_cache, end, leftpad, table, alibi)

@@ -16,7 +16,7 @@ import numpy as np
 from pallas_attn import _compat, checks, sharding
 from pallas_attn.backends import triton_landmark
 from pallas_attn.backends.triton_landmark import LandmarkSpec
-from pallas_attn.flash import _dispatch
+from pallas_attn.backends.registry import by_platform
 from pallas_attn.tiles import KernelConfigs
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -33,8 +33,8 @@ def forward(q, k, v, spec: LandmarkSpec, cfgs: KernelConfigs | None = None):
   """q (B, H, Lq, d), k/v (B, H, Lk, d) -> out like q, lse (B, H, Lq) fp32."""
   kernel = _kernel(triton_landmark.forward, q, spec, cfgs)
   return sharding.local(
-      lambda q, k, v: tuple(_dispatch(lambda q, k, v, interpret: kernel(q, k, v, interpret=interpret),
-                                      q, k, v)),
+      lambda q, k, v: tuple(by_platform(
+          lambda q, k, v, interpret: kernel(q, k, v, interpret=interpret), q, k, v)),
       [q, k, v], ["bhs."] * 3, ["bhs.", "bhs"], what="fused_landmark_attention")
 
 
@@ -46,7 +46,7 @@ def backward(q, k, v, out, lse, dout, dlse, spec: LandmarkSpec, cfgs: KernelConf
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = _kernel(triton_landmark.backward, q, spec, cfgs)
-  run = lambda *a: tuple(_dispatch(  # noqa: E731
+  run = lambda *a: tuple(by_platform(  # noqa: E731
       lambda q, k, v, out, lse, dout, dlse, interpret: kernel(q, k, v, out, lse, dout, dlse,
                                                               interpret=interpret), *a))
   return sharding.local(run, [q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32)],
@@ -58,7 +58,7 @@ def backward(q, k, v, out, lse, dout, dlse, spec: LandmarkSpec, cfgs: KernelConf
 def forward_into(q, k, v, out, lse, spec: LandmarkSpec, cfgs: KernelConfigs | None = None):
   """forward() writing into the donated buffers out (like q) and lse (B, H, Lq) fp32."""
   kernel = _kernel(triton_landmark.forward, q, spec, cfgs)
-  return tuple(_dispatch(
+  return tuple(by_platform(
       lambda q, k, v, out, lse, interpret: kernel(q, k, v, interpret=interpret, into=(out, lse)),
       q, k, v, out, lse))
 
@@ -72,7 +72,7 @@ def backward_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, spec: LandmarkSpec,
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   kernel = _kernel(triton_landmark.backward, q, spec, cfgs)
-  return tuple(_dispatch(
+  return tuple(by_platform(
       lambda q, k, v, out, lse, dout, dlse, dq, dk, dv, interpret: kernel(
           q, k, v, out, lse, dout, dlse, interpret=interpret, into=(dq, dk, dv)),
       q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), dq, dk, dv))

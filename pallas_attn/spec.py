@@ -33,8 +33,14 @@ class AttentionSpec:
   # position p of sequence s lives in page block_table[s, p // page], row p % page. Key tiles are
   # cut so that none straddles a page, and each is read from its page in place.
   page: int = 0
+  # The kernel backend to use (backends/registry.py), None to let the dispatcher choose per call.
+  # A static option like the others: it reaches every kernel call the spec does (the custom VJP's
+  # backward, the torch bridge), and each backend compiles its own kernels.
+  backend: str | None = None
 
   def __post_init__(self):
+    if self.backend is not None and not isinstance(self.backend, str):
+      raise TypeError(f"backend: expected a backend name (str) or None, got {self.backend!r}")
     if self.bias_mask and (self.mask.tabled or self.varlen or self.sink or self.alibi):
       raise ValueError("bias_mask combines only with band masks, softcap and dropout")
     # A key tile (a power of two >= 16, Triton's smallest dot) must divide the page.

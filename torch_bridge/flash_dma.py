@@ -43,9 +43,8 @@ def _forward(q, k, v, zoh, active, seed, kernel_spec, cfgs):
 @functools.partial(jax.jit, static_argnums=(14, 15), donate_argnums=(10, 11, 12, 13), keep_unused=True)
 def _backward_into(q, k, v, zoh, active, seed, out, lse, dout, dlse, dq, dk, dv, dzoh, kernel_spec,
                    cfgs):
-  opt = (None, None, seed, zoh, jax_dma.keep_mask(active))
-  return flash._run_backward(q, k, v, None, opt, out, lse, dout, dlse, kernel_spec, cfgs,  # pylint: disable=protected-access
-                             into=(dq, dk, dv, dzoh))
+  return flash.backward_into(q, k, v, None, out, lse, dout, dlse, dq, dk, dv, kernel_spec, cfgs,
+                             None, None, seed, zoh, jax_dma.keep_mask(active), dzoh)
 
 
 @functools.partial(jax.jit, static_argnums=(10, 11))

@@ -25,8 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_attn import _compat
+from pallas_attn.backends import kernel_math as km
 from pallas_attn.backends.triton_flash import _and, _dot, _head_mask, _load, _whole
-from pallas_attn.spec import LN2, LOG2E
+from pallas_attn.masking import BandMask
 
 _INF = float("inf")
 # Programs a split-KV launch aims for (two waves on the H100's 132 SMs).
@@ -99,7 +100,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
   end = jnp.clip(end_ref[batch], 0, spec.max_pages * spec.page_size)
   pad = jnp.clip(pad_ref[batch], 0, end)
   sk = end - pad
-  off = sk - spec.sq
+  # The band and ALiBi on logical indices (key j at position pad + j), bottom-right aligned.
+  mask = BandMask(sq=spec.sq, sk=sk, left=spec.left, right=spec.right)
+  off = mask.off
   rows = m_tile * bm + jnp.arange(bm)
   rows_at = pl.ds(m_tile * bm, bm)
   row_ok = rows < spec.rows
@@ -110,6 +113,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
   slope = None
   if alibi_ref is not None:
     slope = _compat.load(alibi_ref.at[rows_at], mask=row_ok, other=0.0)[:, None]
+  scores = km.Scores(spec.scale, spec.softcap, mask, slope)
 
   # Key tiles any row of this tile can see, in absolute positions, then this split's share of them.
   i_first = lax.div(m_tile * bm, spec.group)
@@ -133,27 +137,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
     # Rows before leftpad or past the end may hold anything (even NaN): never load them.
     kv_mask = _and(((pos >= pad) & (pos < end))[:, None], head_ok)
     k = _load(k_ref.at[page, at, :], kv_mask, 0.0)
-    raw = _dot(q, k, trans_b=True)  # [bm, bk]
-    if spec.softcap > 0:
-      s = jnp.tanh(raw * (spec.scale / spec.softcap)) * (spec.softcap * LOG2E)
-    else:
-      s = raw * (spec.scale * LOG2E)
-    j = (pos - pad)[None, :]
-    ii = i[:, None] + off
-    if slope is not None:
-      s = s - (slope * LOG2E) * jnp.abs(ii - j).astype(jnp.float32)
-    visible = ((pos >= pad) & (pos < end))[None, :] & row_ok[:, None]
-    if spec.right is not None:
-      visible = visible & (j <= ii + spec.right)
-    if spec.left is not None:
-      visible = visible & (j >= ii - spec.left)
+    s, _ = scores.logits(_dot(q, k, trans_b=True), i, pos - pad)  # [bm, bk]
+    # mask.visible's j < sk is pos < end.
+    visible = km.visible(mask, i, pos - pad) & (pos >= pad)[None, :] & row_ok[:, None]
     s = jnp.where(visible, s, -_INF)
-    # -- online softmax; a row with nothing visible yet shifts by 0 so exp2 never sees inf - inf
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-    m_use = jnp.where(m_new == -_INF, 0.0, m_new)
-    alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + jnp.sum(p, axis=1)
+    m_new, alpha, p, l_i = km.softmax_step(m_i, l_i, s, masked=True)
     v = _load(v_ref.at[page, at, :], kv_mask, 0.0)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_i
@@ -162,12 +150,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, end_ref, pad_ref, table_ref, *refs, spec
            jnp.zeros((bm,), jnp.float32))
   acc, m_i, l_i = lax.fori_loop(s_lo, s_hi, body, carry)
 
-  empty = l_i == 0.0
-  out = acc / jnp.where(empty, 1.0, l_i)[:, None]
-  lse = (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2
   # A lone split reports an empty row as +inf (the final convention); partials use -inf, the
   # identity of the lse merge.
-  lse = jnp.where(empty, _INF if n_split == 1 else -_INF, lse)
+  out, lse = km.finish(acc, m_i, l_i, empty=_INF if n_split == 1 else -_INF)
   _compat.store(o_ref.at[rows_at, :], out.astype(o_ref.dtype), mask=tile_mask)
   _compat.store(lse_ref.at[rows_at], lse, mask=row_ok)
 

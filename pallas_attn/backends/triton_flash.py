@@ -17,11 +17,14 @@ tiles by offset, so both layouts run the same code; the head dim is padded to a 
   the query tiles that can see it, so GQA gradients are summed in registers without atomics.
 
 The variant options (AttentionSpec) are static: each kernel compiles only the score terms it uses.
+The tile math itself (score modifiers, element test, online softmax, logit gradient, sink terms) is
+backends/kernel_math.py's, shared with the decode and landmark kernels and other backends.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_attn import _compat, dropout, masking, tiles
-from pallas_attn.spec import LN2, LOG2E, AttentionSpec
+from pallas_attn.backends import kernel_math as km, registry
+from pallas_attn.operands import Grads, Operands
+from pallas_attn.spec import LOG2E, AttentionSpec
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 _INF = float("inf")
@@ -49,42 +54,6 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
   precision = _FP32_DOT if a.dtype == jnp.float32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-class _Scores:
-  """The logit pipeline of SPEC section 0 in the exp2 domain, and its derivative.
-
-  log2-domain logit: t * log2(e), where t = scale * raw, or softcap * tanh(scale * raw / softcap),
-  plus ALiBi's -slope * |i + off - j|. Masking is applied by the caller.
-  """
-
-  def __init__(self, spec: AttentionSpec, mask, slope):
-    self.spec = spec
-    self.mask = mask  # the sequence's own mask (its lengths may be traced)
-    self.slope = slope  # scalar fp32 or None
-
-  def logits(self, raw, rows, cols, transposed: bool = False):
-    """raw is [rows, cols], or [cols, rows] when transposed (the dK/dV pass)."""
-    spec = self.spec
-    if spec.softcap > 0:
-      th = jnp.tanh(raw * (spec.scale / spec.softcap))
-      s = th * (spec.softcap * LOG2E)
-    else:
-      th = None
-      s = raw * (spec.scale * LOG2E)
-    if spec.alibi:
-      i = (rows[None, :] if transposed else rows[:, None]) + self.mask.off
-      j = cols[:, None] if transposed else cols[None, :]
-      dist = jnp.abs(i - j).astype(jnp.float32)
-      s = s - (self.slope * LOG2E) * dist
-    return s, th
-
-  def raw_grad(self, ds, th):
-    """d loss / d raw from d loss / d t (ALiBi is additive, so it drops out)."""
-    spec = self.spec
-    if spec.softcap > 0:
-      return ds * ((1.0 - th * th) * spec.scale)
-    return ds * spec.scale
 
 
 def _tile_loops(bounds, body, carry):
@@ -142,37 +111,37 @@ def _load_slope(alibi_ref, idx=None):
   return jnp.sum(vec)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Refs:
-  """A kernel's optional inputs, split from its trailing refs (None where unused)."""
-  seqlens: tuple | None
-  alibi: object
-  sink: object
-  seed: object
-  bias: object
-  keep: object
-  tables: tuple | None
-  outs: tuple
+def _split_refs(refs, spec: AttentionSpec, n_out: int, skip: tuple[str, ...] = ()):
+  """(operands, tables, outputs): the kernel's optional input refs as an Operands (None where
+  unused), then the four tile tables (None without), then its n_out output refs.
 
-
-def _split_refs(refs, spec: AttentionSpec, n_out: int, with_sink: bool = True) -> _Refs:
-  """Order of the optional inputs: cu_seqlens q and k (and the block table when paged), ALiBi slopes, sink logits, dropout seed, the
-  dynamic mask's bias and keep arrays, the four tile tables; aliased output buffers sit between them
-  and the outputs and are never read."""
-  pos = 0
-
-  def take(n):
-    nonlocal pos
+  The launchers pass the optional inputs in Operands' field order (_operand_inputs), skipping
+  those a pass does not read (`skip`); aliased output buffers sit between the tables and the
+  outputs and are never read."""
+  pos, fields = 0, {}
+  for field in dataclasses.fields(Operands):
+    if field.name in skip or not Operands.enabled(field.name, spec):
+      continue
+    n = 2 if field.name == "seqlens" else 1
+    fields[field.name] = tuple(refs[pos:pos + n]) if n > 1 else refs[pos]
     pos += n
-    return tuple(refs[pos - n:pos])
+  tables = tuple(refs[pos:pos + 4]) if spec.tabled else None
+  return Operands(**fields), tables, tuple(refs[-n_out:])
 
-  seqlens = take(3 if spec.page else 2) if spec.varlen else None
-  alibi = take(1)[0] if spec.alibi else None
-  sink = take(1)[0] if spec.sink and with_sink else None
-  seed = take(1)[0] if spec.dropout_p > 0 else None
-  bias, keep = take(2) if spec.bias_mask else (None, None)
-  tables = take(4) if spec.tabled else None
-  return _Refs(seqlens, alibi, sink, seed, bias, keep, tables, tuple(refs[-n_out:]))
+
+def _operand_inputs(ops: Operands, blocks: dict, skip: tuple[str, ...] = ()):
+  """(in_specs, args) of the present operands in Operands' field order (the order _split_refs
+  reads them in), leaving out the fields in `skip`; blocks maps a field to the BlockSpec of one of
+  its arrays (_Blocks.operands)."""
+  in_specs, args = [], []
+  for field in dataclasses.fields(ops):
+    x = getattr(ops, field.name)
+    if x is None or field.name in skip:
+      continue
+    for a in (x if isinstance(x, tuple) else (x,)):
+      in_specs.append(blocks[field.name](a))
+      args.append(a)
+  return in_specs, args
 
 
 class _Dropout:
@@ -220,14 +189,6 @@ class _Dropout:
     return delta if self.p == 0 else delta * (1.0 - self.p)
 
 
-def _logit_grad(p, pd, dp, delta):
-  """d loss / d logit, over the dropout scale: P * (keep * dP - delta). pd is P with the dropped
-  entries zeroed (P itself without dropout); the mask itself need not stay live across dP's product."""
-  if pd is p:
-    return p * (dp - delta)
-  return pd * dp - p * delta
-
-
 class _BiasMask:
   """Tiles of the dynamic mask's bias (exp2 domain) and keep test for one (batch, kv head)."""
 
@@ -249,13 +210,8 @@ class _BiasMask:
     return bias, keep
 
 
-def _bias_mask(opt: _Refs):
-  return None if opt.bias is None else _BiasMask(opt.bias, opt.keep)
-
-
-def _visible(mask, dyn_keep, rows, cols, transposed=False):
-  vis = mask.visible(rows, cols, transposed=transposed)
-  return vis if dyn_keep is None else vis & dyn_keep
+def _bias_mask(ops: Operands):
+  return None if ops.bias is None else _BiasMask(ops.bias, ops.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +230,7 @@ def _span(cu_ref, index, total: int):
   return start, jnp.clip(cu_ref[index + 1], start, total) - start
 
 
-def _sequence(spec: AttentionSpec, seqlens, index, total_q: int, total_k: int) -> _Seq:
+def _sequence(spec: AttentionSpec, ops: Operands, index, total_q: int, total_k: int) -> _Seq:
   """Sequence `index`'s offsets and mask; total_q / total_k: the rows of q and of packed k/v.
 
   Every length is clamped so that no tile reads or writes outside its arrays, whatever cu_seqlens
@@ -282,31 +238,33 @@ def _sequence(spec: AttentionSpec, seqlens, index, total_q: int, total_k: int) -
   max_seqlen_q, which also sizes the dK/dV pass's per-sequence lse and delta), and paged key counts
   to the block table's capacity.
   """
-  if seqlens is None:
+  if ops.seqlens is None:
     return _Seq(0, 0, spec.mask)
+  seqlens = ops.seqlens
   q0, sq = _span(seqlens[0], index, total_q)
   sq = jnp.minimum(sq, spec.sq)
   if spec.page:
     # Paged keys: cu_seqlens_k gives only lengths; a length past what the block table holds is
     # clamped to its capacity, so no tile looks up a page beyond the sequence's row of the table.
     k0 = seqlens[1][index]
-    sk = jnp.clip(seqlens[1][index + 1] - k0, 0, seqlens[2].shape[1] * spec.page)
+    sk = jnp.clip(seqlens[1][index + 1] - k0, 0, ops.block_table.shape[1] * spec.page)
   else:
     k0, sk = _span(seqlens[1], index, total_k)
   return _Seq(q0, k0, dataclasses.replace(spec.mask, sq=sq, sk=sk))
 
 
-def _key_rows(spec: AttentionSpec, seq: _Seq, seqlens, index, start, bk: int, n_pages: int = 0):
+def _key_rows(spec: AttentionSpec, seq: _Seq, ops: Operands, index, start, bk: int,
+              n_pages: int = 0):
   """Where keys [start, start + bk) of sequence `index` live in k/v: rows of the packed layout, or
   rows of the one page that holds them (the tile never straddles a page); n_pages: k's num_blocks,
   which bounds a page index read from the (unchecked when traced) block table."""
   if not spec.page:
     return pl.ds(seq.k0 + start, bk), slice(None)
-  page = jnp.clip(seqlens[2][index, lax.div(start, spec.page)], 0, n_pages - 1)
+  page = jnp.clip(ops.block_table[index, lax.div(start, spec.page)], 0, n_pages - 1)
   return page, pl.ds(lax.rem(start, spec.page), bk), slice(None)
 
 
-def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok, totals):
+def _store_rows(spec: AttentionSpec, ops: Operands, index, start, size: int, at, ok, totals):
   """(at, ok): where a query tile's results go after its loop, and which of its rows exist.
 
   Varlen reads the sequence's offset and length from cu_seqlens again instead of reusing what the
@@ -317,7 +275,7 @@ def _store_rows(spec: AttentionSpec, seqlens, index, start, size: int, at, ok, t
   """
   if not spec.varlen:
     return at, ok
-  seq = _sequence(spec, seqlens, index, *totals)
+  seq = _sequence(spec, ops, index, *totals)
   return pl.ds(seq.q0 + start, size), start + jnp.arange(size) < seq.mask.sq
 
 
@@ -343,14 +301,6 @@ def _sink_logits2(sink_ref, rows_at, row_ok, n_sink: int, per_row: bool):
     return _compat.load(sink_ref.at[pl.ds(0, s_pad)], mask=col_ok, other=-_INF) * LOG2E
   return _compat.load(sink_ref.at[rows_at, pl.ds(0, s_pad)], mask=row_ok[:, None] & col_ok[None, :],
                       other=-_INF) * LOG2E
-
-
-def _sink_seed(z2, rows: int):
-  """Running max and sum that start from the sink logits, as if they were already-seen keys."""
-  m0 = jnp.max(z2, axis=-1)
-  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # rows past the sequence in the per-row layout
-  l0 = jnp.sum(jnp.exp2(z2 - m0[..., None] if z2.ndim == 2 else z2 - m0), axis=-1)
-  return jnp.broadcast_to(m0, (rows,)), jnp.broadcast_to(l0, (rows,))
 
 
 def _table_inputs(spec: AttentionSpec, cfg: TileConfig, transposed: bool = False, counts=None,
@@ -435,6 +385,19 @@ class _Blocks:
     return pl.BlockSpec((None, None, x.shape[2], x.shape[3]),
                         lambda i, j, hh: (j, kv_head_of(hh), 0, 0))
 
+  def operands(self, spec: AttentionSpec, kv_head_of, alibi_width=None) -> dict:
+    """BlockSpec makers by Operands field (for _operand_inputs): ALiBi slopes of alibi_width heads
+    (None: one), bias and keep of kv head kv_head_of(hh)."""
+    pairs = lambda a: self.pairs(a, kv_head_of)  # noqa: E731
+    return {"seqlens": _whole, "block_table": _whole, "alibi": lambda a: self.alibi(alibi_width),
+            "sink": lambda a: self.sink(spec, a), "seed": _whole, "bias": pairs, "keep": pairs}
+
+
+def _resolve(q, spec: AttentionSpec, cfgs: KernelConfigs | None) -> KernelConfigs:
+  """The tuned tiles for this problem, or the caller's override fitted to it."""
+  return tiles.resolve(_compat.next_power_of_2(max(q.shape[-1], 16)), spec.sq, spec.sk, cfgs,
+                       q.dtype.itemsize)
+
 
 def _fit_device(cfgs: KernelConfigs, dp: int, q, bias, keep, interpret: bool) -> KernelConfigs:
   """cfgs shrunk to the GPU's shared memory per block (read from the device); interpret mode has
@@ -446,10 +409,10 @@ def _fit_device(cfgs: KernelConfigs, dp: int, q, bias, keep, interpret: bool) ->
   return tiles.fit_configs(cfgs, dp, q.dtype.itemsize, pair, tiles.shared_memory_limit())
 
 
-def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
+def _n_sequences(spec: AttentionSpec, q, ops: Operands) -> int:
   """The grid's sequence axis: the batch, or the number of packed sequences."""
   if spec.varlen:
-    return seqlens[0].shape[0] - 1
+    return ops.seqlens[0].shape[0] - 1
   return q.shape[0]
 
 
@@ -459,15 +422,14 @@ def _n_sequences(spec: AttentionSpec, q, seqlens) -> int:
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig, head_dim: int,
                 n_q_tiles: int, reverse: bool, nheads: int, n_sink: int = 0, asm: bool = False):
-  opt = _split_refs(refs, spec, 2)
-  o_ref, lse_ref = opt.outs
+  ops, tables, (o_ref, lse_ref) = _split_refs(refs, spec, 2)
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
   # Program ids are read here, outside any loop or branch (interpret mode substitutes them only at
   # the kernel's top level).
   pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   totals = (q_ref.shape[0], k_ref.shape[0])  # varlen: rows of q and k (paged: k's pages)
-  seq = _sequence(spec, opt.seqlens, batch, *totals)
+  seq = _sequence(spec, ops, batch, *totals)
   mask = seq.mask
   # Causal tiles near the bottom do the most work; launching them first evens out the tail.
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
@@ -479,16 +441,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
     head_ok = _head_mask(dp, head_dim)
     tile_mask = _and(row_ok[:, None], head_ok)
     q = _load(q_ref.at[rows_at, :], tile_mask, 0.0)
-    scores = _Scores(spec, mask, _load_slope(opt.alibi))
-    drop = _Dropout(spec, opt.seed, batch, head, nheads, asm)
-    dyn = _bias_mask(opt)
+    scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi))
+    drop = _Dropout(spec, ops.seed, batch, head, nheads, asm)
+    dyn = _bias_mask(ops)
 
     def body(kv_tile, carry, masked):
       acc, m_i, l_i = carry
       start = kv_tile * bk
       cols = start + jnp.arange(bk)
       kv_mask = _and((cols < mask.sk)[:, None], head_ok) if masked else head_ok
-      kv_at = _key_rows(spec, seq, opt.seqlens, batch, start, bk, k_ref.shape[0])
+      kv_at = _key_rows(spec, seq, ops, batch, start, bk, k_ref.shape[0])
       k = _load(k_ref.at[kv_at], kv_mask, 0.0)
       s, _ = scores.logits(_dot(q, k, trans_b=True), rows, cols)  # [bq, bk]
       keep = None
@@ -496,13 +458,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
         bias, keep = dyn.tile(q_tile * bq, start, row_ok, cols < mask.sk, masked)
         s = s + bias
       if masked:
-        s = jnp.where(_visible(mask, keep, rows, cols), s, -_INF)
-      m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-      # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 never sees inf - inf.
-      m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked else m_new
-      alpha = jnp.exp2(m_i - m_use)
-      p = jnp.exp2(s - m_use[:, None])
-      l_i = l_i * alpha + jnp.sum(p, axis=1)
+        s = jnp.where(km.visible(mask, rows, cols, keep), s, -_INF)
+      m_new, alpha, p, l_i = km.softmax_step(m_i, l_i, s, masked)
       v = _load(v_ref.at[kv_at], kv_mask, 0.0)
       # lse and the normalizer count every probability; only P @ V sees the dropped ones
       # (their 1 / (1 - p) scale is applied once, at the end).
@@ -510,17 +467,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
       return acc, m_new, l_i
 
-    if opt.sink is None:
+    if ops.sink is None:
       m0, l0 = jnp.full((bq,), -_INF, jnp.float32), jnp.zeros((bq,), jnp.float32)
     else:
-      m0, l0 = _sink_seed(_sink_logits2(opt.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
+      m0, l0 = km.sink_seed(_sink_logits2(ops.sink, rows_at, row_ok, n_sink, spec.sink == "ssh"), bq)
     carry = (jnp.zeros((bq, dp), jnp.float32), m0, l0)
-    acc, m_i, l_i = _visit(mask, opt.tables, q_tile, bq, bk, body, carry)
+    acc, m_i, l_i = _visit(mask, tables, q_tile, bq, bk, body, carry)
 
-    empty = l_i == 0.0
-    out = acc * (drop.scale / jnp.where(empty, 1.0, l_i))[:, None]
-    lse = jnp.where(empty, _INF, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
-    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok,
+    out, lse = km.finish(acc, m_i, l_i, drop.scale)
+    rows_out, ok_out = _store_rows(spec, ops, batch, q_tile * bq, bq, rows_at, row_ok,
                                    totals)
     _store(o_ref.at[rows_out, :], out.astype(o_ref.dtype), _and(ok_out[:, None], head_ok))
     _store(lse_ref.at[rows_out], lse, ok_out)
@@ -528,20 +483,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: AttentionSpec, cfg: TileConfig
   _when_active(True if not spec.varlen else q_tile * bq < mask.sq, run)
 
 
-def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=None, *,
-            spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool, into=None):
+def forward(q, k, v, ops: Operands, *, spec: AttentionSpec, cfgs: KernelConfigs | None,
+            head_dim: int, interpret: bool, into=None):
   """out like q and lse fp32 (natural log; +inf on empty rows), batched or varlen layout.
 
-  seqlens: (cu_seqlens_q, cu_seqlens_k) int32 for spec.varlen, then the block table
-  (b, max_blocks) int32 for spec.page. bias, keep: (b, Hk, sq, sk) for
-  spec.bias_mask. into: optional (out, lse) buffers the results are written into (aliased, so a
-  caller that donates them gets its own memory back).
+  ops: the optional operands (pallas_attn/operands.py; layouts in pallas_attn/flash.py). cfgs: a
+  tile override (None: the tuned table, pallas_attn/tiles.py). into: optional (out, lse) buffers
+  the results are written into (aliased, so a caller that donates them gets its own memory back).
   """
   d = q.shape[-1]
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
-  cfg = _fit_device(cfgs, dp, q, bias, keep, interpret).fwd
+  cfg = _fit_device(_resolve(q, spec, cfgs), dp, q, ops.bias, ops.keep, interpret).fwd
   if spec.page:
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, spec.page & -spec.page))
   n_q = pl.cdiv(spec.sq, cfg.block_q)
@@ -549,31 +503,17 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   blocks = _Blocks(spec, dp, group)
   lse_shape = (h, q.shape[0]) if spec.varlen else (q.shape[0], h, q.shape[1])
   kernel = functools.partial(_fwd_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
-                             reverse=reverse, nheads=h, n_sink=0 if sink is None else sink.shape[-1],
+                             reverse=reverse, nheads=h,
+                             n_sink=0 if ops.sink is None else ops.sink.shape[-1],
                              asm=not interpret)
   kv_blocks = blocks.pages if spec.page else blocks.heads
-  in_specs = [blocks.heads(q), kv_blocks(k, lambda hh: hh // group),
-              kv_blocks(v, lambda hh: hh // group)]
-  args = [q, k, v]
-  if spec.varlen:
-    in_specs += [_whole(s) for s in seqlens]
-    args += list(seqlens)
-  if spec.alibi:
-    in_specs.append(blocks.alibi())
-    args.append(alibi)
-  if spec.sink:
-    in_specs.append(blocks.sink(spec, sink))
-    args.append(sink)
-  if spec.dropout_p > 0:
-    in_specs.append(_whole(seed))
-    args.append(seed)
   kv_of_head = lambda hh: hh // group
-  if spec.bias_mask:
-    in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
-    args += [bias, keep]
+  op_specs, op_args = _operand_inputs(ops, blocks.operands(spec, kv_of_head))
+  in_specs = [blocks.heads(q), kv_blocks(k, kv_of_head), kv_blocks(v, kv_of_head)] + op_specs
+  args = [q, k, v] + op_args
   counts = None
   if spec.bias_mask:
-    counts = (masking.dynamic_counts(keep, spec.mask, cfg.block_q, cfg.block_k),
+    counts = (masking.dynamic_counts(ops.keep, spec.mask, cfg.block_q, cfg.block_k),
               cfg.block_q, cfg.block_k)
   table_specs, tables = _table_inputs(spec, cfg, counts=counts, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
@@ -582,7 +522,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs, into)
   return pl.pallas_call(
       kernel,
-      grid=(n_q, _n_sequences(spec, q, seqlens), h),
+      grid=(n_q, _n_sequences(spec, q, ops), h),
       in_specs=in_specs,
       out_specs=out_specs,
       input_output_aliases=aliases,
@@ -600,14 +540,14 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
 def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spec: AttentionSpec,
                cfg: TileConfig, head_dim: int, n_q_tiles: int, reverse: bool, nheads: int,
                n_sink: int = 0, asm: bool = False):
-  opt = _split_refs(refs, spec, 4 if spec.sink else 3)
-  dq_ref, delta_ref, lse2_ref = opt.outs[:3]
-  dsink_ref = opt.outs[3] if spec.sink else None
+  ops, tables, outs = _split_refs(refs, spec, 4 if spec.sink else 3)
+  dq_ref, delta_ref, lse2_ref = outs[:3]
+  dsink_ref = outs[3] if spec.sink else None
   bq, bk = cfg.block_q, cfg.block_k
   dp = q_ref.shape[-1]
   pid, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   totals = (q_ref.shape[0], k_ref.shape[0])  # varlen: rows of q and k (paged: k's pages)
-  seq = _sequence(spec, opt.seqlens, batch, *totals)
+  seq = _sequence(spec, ops, batch, *totals)
   mask = seq.mask
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid
   per_row_sink = spec.sink == "ssh"
@@ -622,13 +562,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     do = _load(do_ref.at[rows_at, :], tile_mask, 0.0)
     o = _load(o_ref.at[rows_at, :], tile_mask, 0.0)
     # d lse / d t = P, so an incoming lse cotangent folds into delta.
-    delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
-             - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0))
+    delta = km.o_dot_do(o, do) - _compat.load(dlse_ref.at[rows_at], mask=row_ok, other=0.0)
     lse2 = _compat.load(lse_ref.at[rows_at], mask=row_ok, other=_INF) * LOG2E
-    scores = _Scores(spec, mask, _load_slope(opt.alibi))
-    drop = _Dropout(spec, opt.seed, batch, head, nheads, asm)
+    scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi))
+    drop = _Dropout(spec, ops.seed, batch, head, nheads, asm)
     delta_d = drop.delta(delta)
-    dyn = _bias_mask(opt)
+    dyn = _bias_mask(ops)
 
     def body(kv_tile, dq, masked):
       start = kv_tile * bk
@@ -643,13 +582,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
         s = s + bias
       p = jnp.exp2(s - lse2[:, None])
       if masked:
-        p = jnp.where(_visible(mask, keep, rows, cols), p, 0.0)
+        p = jnp.where(km.visible(mask, rows, cols, keep), p, 0.0)
       dpv = drop.apply(_dot(do, v, trans_b=True), drop.mask(q_tile * bq, bq, start, bk))
-      ds = scores.raw_grad(p * (dpv - delta_d[:, None]), th)
+      ds = scores.raw_grad(km.logit_grad(p, p, dpv, delta_d[:, None]), th)
       return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _visit(mask, opt.tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
-    rows_out, ok_out = _store_rows(spec, opt.seqlens, batch, q_tile * bq, bq, rows_at, row_ok,
+    dq = _visit(mask, tables, q_tile, bq, bk, body, jnp.zeros((bq, dp), jnp.float32))
+    rows_out, ok_out = _store_rows(spec, ops, batch, q_tile * bq, bq, rows_at, row_ok,
                                    totals)
     _store(dq_ref.at[rows_out, :], (dq * drop.scale).astype(dq_ref.dtype),
            _and(ok_out[:, None], head_ok))
@@ -657,11 +596,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
     # sequence are never read unmasked, so the stores need no row test.
     _store(delta_ref.at[pl.ds(q_tile * bq, bq)], delta_d, None)  # shifted for dropout
     _store(lse2_ref.at[pl.ds(q_tile * bq, bq)], lse2, None)
-    if opt.sink is not None:
-      # d lse / d z = exp(z - lse) for each sink logit z, so dsink = -sum_rows exp(z - lse) * delta.
-      z2 = _sink_logits2(opt.sink, rows_at, row_ok, n_sink, per_row_sink)
+    if ops.sink is not None:
+      z2 = _sink_logits2(ops.sink, rows_at, row_ok, n_sink, per_row_sink)
       z2 = z2 if per_row_sink else z2[None, :]
-      contrib = -jnp.exp2(z2 - lse2[:, None]) * delta[:, None]  # [bq, s_pad]
+      contrib = km.sink_grad(z2, lse2, delta)  # [bq, s_pad]
       col_ok = jnp.arange(z2.shape[-1]) < n_sink
       if per_row_sink:
         _compat.store(dsink_ref.at[rows_at, pl.ds(0, z2.shape[-1])], contrib,
@@ -671,7 +609,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 
   def idle():
     # A skipped program still owns its slot of the per-tile dsink partial sums.
-    if opt.sink is not None and not per_row_sink:
+    if ops.sink is not None and not per_row_sink:
       s_pad = dsink_ref.shape[-1]
       _compat.store(dsink_ref.at[pl.ds(0, s_pad)], jnp.zeros((s_pad,), jnp.float32),
                     mask=jnp.arange(s_pad) < n_sink)
@@ -682,12 +620,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, *refs, spe
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: AttentionSpec,
                 cfg: TileConfig, head_dim: int, group: int, nheads: int, asm: bool = False):
   # The sink gradient comes from the dQ pass; the dynamic mask's bias gradient from this one.
-  opt = _split_refs(refs, spec, 3 if spec.bias_mask else 2, with_sink=False)
-  dk_ref, dv_ref = opt.outs[:2]
+  ops, tables, outs = _split_refs(refs, spec, 3 if spec.bias_mask else 2, skip=("sink",))
+  dk_ref, dv_ref = outs[:2]
   bq, bk = cfg.block_q, cfg.block_k
   dp = k_ref.shape[-1]
   kv_tile, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  seq = _sequence(spec, opt.seqlens, batch, q_ref.shape[0], k_ref.shape[0])
+  seq = _sequence(spec, ops, batch, q_ref.shape[0], k_ref.shape[0])
   mask = seq.mask
   drop_scale = _Dropout.scale_of(spec)
 
@@ -703,8 +641,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
     # Scores are formed transposed, [bk, bq], so every product takes its register operand as is
     # (p^T and dS^T would otherwise need a layout shuffle through shared memory).
     def head(g, carry):
-      scores = _Scores(spec, mask, _load_slope(opt.alibi, g))
-      drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads, asm)
+      scores = km.Scores(spec.scale, spec.softcap, mask, _load_slope(ops.alibi, g))
+      drop = _Dropout(spec, ops.seed, batch, kv_head * group + g, nheads, asm)
 
       def body(q_tile, carry, masked):
         dk, dv = carry
@@ -728,11 +666,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
         pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
         dv = dv + _dot(pd_t.astype(do.dtype), do)
         dp_t = _dot(v, do, trans_b=True)
-        ds_t = scores.raw_grad(_logit_grad(p_t, pd_t, dp_t, delta[None, :]), th)
+        ds_t = scores.raw_grad(km.logit_grad(p_t, pd_t, dp_t, delta[None, :]), th)
         dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
-      return _visit(mask, opt.tables, kv_tile, bq, bk, body, carry, transposed=True)
+      return _visit(mask, tables, kv_tile, bq, bk, body, carry, transposed=True)
 
     def biased_tile(q_tile, carry, masked):
       # With a dynamic mask the query heads of the group go innermost: d bias sums over them, and
@@ -743,11 +681,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
       row_ok = rows < mask.sq
       q_mask = _and(row_ok[:, None], head_ok) if masked else head_ok
       bias_t, keep_t = dyn.tile(start, kv_tile * bk, row_ok, col_ok, masked, transposed=True)
-      scores = _Scores(spec, mask, None)
+      scores = km.Scores(spec.scale, spec.softcap, mask)
 
       def head(g, carry):
         dk, dv, dbias_t = carry
-        drop = _Dropout(spec, opt.seed, batch, kv_head * group + g, nheads, asm)
+        drop = _Dropout(spec, ops.seed, batch, kv_head * group + g, nheads, asm)
         q = _load(q_ref.at[rows_at, g, :], q_mask, 0.0)
         do = _load(do_ref.at[rows_at, g, :], q_mask, 0.0)
         row_mask = row_ok if masked else None  # see head()
@@ -756,11 +694,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
         s_t, th = scores.logits(_dot(k, q, trans_b=True), rows, cols, transposed=True)
         p_t = jnp.exp2(s_t + bias_t - lse2[None, :])
         if masked:
-          p_t = jnp.where(_visible(mask, keep_t, rows, cols, transposed=True), p_t, 0.0)
+          p_t = jnp.where(km.visible(mask, rows, cols, keep_t, transposed=True), p_t, 0.0)
         pd_t = drop.apply(p_t, drop.mask(start, bq, kv_tile * bk, bk, transposed=True))
         dv = dv + _dot(pd_t.astype(do.dtype), do)
         dp_t = _dot(v, do, trans_b=True)
-        dt_t = _logit_grad(p_t, pd_t, dp_t, delta[None, :])  # also the bias gradient (/ scale)
+        dt_t = km.logit_grad(p_t, pd_t, dp_t, delta[None, :])  # also the bias gradient (/ scale)
         dk = dk + _dot(scores.raw_grad(dt_t, th).astype(q.dtype), q)
         return dk, dv, dbias_t + dt_t
 
@@ -770,16 +708,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
         dk, dv, dbias_t = head(jnp.int32(0), carry)
       else:
         dk, dv, dbias_t = lax.fori_loop(0, group, head, carry)
-      dbias_ref = opt.outs[2]
+      dbias_ref = outs[2]
       _store(dbias_ref.at[pl.ds(start, bq), pl.ds(kv_tile * bk, bk)],
              (dbias_t.T * drop_scale).astype(dbias_ref.dtype),
              (row_ok[:, None] & col_ok[None, :]) if masked else None)
       return dk, dv
 
     zeros = jnp.zeros((bk, dp), jnp.float32)
-    dyn = _bias_mask(opt)
+    dyn = _bias_mask(ops)
     if dyn is not None:
-      dk, dv = _visit(mask, opt.tables, kv_tile, bq, bk, biased_tile, (zeros, zeros),
+      dk, dv = _visit(mask, tables, kv_tile, bq, bk, biased_tile, (zeros, zeros),
                       transposed=True)
     elif group == 1:
       dk, dv = head(jnp.int32(0), (zeros, zeros))
@@ -793,35 +731,31 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs, spec: A
   _when_active(True if not spec.varlen else kv_tile * bk < mask.sk, run)
 
 
-def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed=None, bias=None,
-             keep=None, *, spec: AttentionSpec, cfgs: KernelConfigs, head_dim: int, interpret: bool,
-             into=None):
-  """dq, dk, dv in the input dtypes, then dsink (fp32, the layout of `sink`) when there are sinks,
-  or dbias (like bias, zero where masked) with the dynamic mask.
+def backward(q, k, v, out, lse, dout, dlse, ops: Operands, *, spec: AttentionSpec,
+             cfgs: KernelConfigs | None, head_dim: int, interpret: bool, into: Grads | None = None):
+  """Grads: dq, dk, dv in the input dtypes, dsink (fp32, the layout of ops.sink) with sinks, dbias
+  (like bias, zero where masked) with the dynamic mask.
 
-  into: optional (dq, dk, dv) buffers to write the gradients into, and with the dynamic mask
-  optionally a fourth, zero-filled buffer for dbias (the kernel writes only the tiles it visits).
+  into: optional buffers to write the gradients into, dq, dk and dv, and with the dynamic mask
+  optionally a zero-filled dbias (the kernel writes only the tiles it visits).
   """
   d = q.shape[-1]
   dp = _compat.next_power_of_2(max(d, 16))
   h, hk = q.shape[-2], k.shape[-2]
   group = h // hk
-  cfgs = _fit_device(cfgs, dp, q, bias, keep, interpret)
+  cfgs = _fit_device(_resolve(q, spec, cfgs), dp, q, ops.bias, ops.keep, interpret)
   reverse = _causal_like(spec.mask)
-  n_seq = _n_sequences(spec, q, seqlens)
-  seq_specs = [_whole(s) for s in seqlens] if spec.varlen else []
-  seq_args = list(seqlens) if spec.varlen else []
+  n_seq = _n_sequences(spec, q, ops)
+  sink = ops.sink
 
   cfg = cfgs.bwd_dq
   n_q = pl.cdiv(spec.sq, cfg.block_q)
   blocks = _Blocks(spec, dp, group)
   kv_of_head = lambda hh: hh // group
+  op_specs, op_args = _operand_inputs(ops, blocks.operands(spec, kv_of_head))
   in_specs = [blocks.heads(q), blocks.heads(k, kv_of_head), blocks.heads(v, kv_of_head),
-              blocks.heads(out), blocks.heads(dout), blocks.rows(lse), blocks.rows(dlse)] + seq_specs
-  args = [q, k, v, out, dout, lse, dlse] + seq_args
-  if spec.alibi:
-    in_specs.append(blocks.alibi())
-    args.append(alibi)
+              blocks.heads(out), blocks.heads(dout), blocks.rows(lse), blocks.rows(dlse)] + op_specs
+  args = [q, k, v, out, dout, lse, dlse] + op_args
   # delta and lse (log2 domain) go to the dK/dV pass in the batched layout whatever the input's,
   # (sequences, heads, rows), each sequence's rows from 0 and padded to whole tiles of both passes:
   # its tiles then load them as aligned vectors. At varlen offsets (arbitrary rows of (H, total_q))
@@ -830,33 +764,25 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
   per_seq = jax.ShapeDtypeStruct((n_seq, h, n_rows), jnp.float32)
   out_specs = [blocks.heads(q)] + [pl.BlockSpec((None, None, n_rows), lambda i, j, hh: (j, hh, 0))] * 2
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), per_seq, per_seq]
-  if spec.sink:
-    in_specs.append(blocks.sink(spec, sink))
-    args.append(sink)
-    if spec.sink == "sh":
-      # One partial sum per (query tile, sequence, head); summed below, in a fixed order.
-      s_pad = _compat.next_power_of_2(sink.shape[-1])
-      out_specs.append(pl.BlockSpec((None, None, None, s_pad), lambda i, j, hh: (i, j, hh, 0)))
-      out_shape.append(jax.ShapeDtypeStruct((n_q, n_seq, h, sink.shape[-1]), jnp.float32))
-    else:
-      out_specs.append(blocks.sink(spec, sink))
-      out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
-  seed_specs, seed_args = ([_whole(seed)], [seed]) if spec.dropout_p > 0 else ([], [])
-  in_specs, args = in_specs + seed_specs, args + seed_args
-  if spec.bias_mask:
-    in_specs += [blocks.pairs(bias, kv_of_head), blocks.pairs(keep, kv_of_head)]
-    args += [bias, keep]
+  if spec.sink == "sh":
+    # One partial sum per (query tile, sequence, head); summed below, in a fixed order.
+    s_pad = _compat.next_power_of_2(sink.shape[-1])
+    out_specs.append(pl.BlockSpec((None, None, None, s_pad), lambda i, j, hh: (i, j, hh, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((n_q, n_seq, h, sink.shape[-1]), jnp.float32))
+  elif spec.sink:
+    out_specs.append(blocks.sink(spec, sink))
+    out_shape.append(jax.ShapeDtypeStruct(sink.shape, jnp.float32))
   counts = None
   if spec.bias_mask:
     # One pass over the mask serves both passes' tables: counted at the finer of their tilings.
     grain_q = min(cfgs.bwd_dq.block_q, cfgs.bwd_dkv.block_q)
     grain_k = min(cfgs.bwd_dq.block_k, cfgs.bwd_dkv.block_k)
-    counts = (masking.dynamic_counts(keep, spec.mask, grain_q, grain_k), grain_q, grain_k)
+    counts = (masking.dynamic_counts(ops.keep, spec.mask, grain_q, grain_k), grain_q, grain_k)
   table_specs, tables = _table_inputs(spec, cfg, counts=counts, kv_head_of=kv_of_head)
   in_specs, args = in_specs + table_specs, args + tables
   dq_into = None
   if into is not None:
-    dq_into = (into[0], jnp.empty(per_seq.shape, jnp.float32))
+    dq_into = (into.dq, jnp.empty(per_seq.shape, jnp.float32))
   in_specs, args, aliases = _alias_into(in_specs, args, out_specs[:2], dq_into)
   dq, delta, lse2, *dsink = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg, head_dim=head_dim, n_q_tiles=n_q,
@@ -872,31 +798,30 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
       name="pallas_attn_bwd_dq",
   )(*args)
 
+  # The sink gradient came from the dQ pass: this one does not read the sinks.
   cfg = cfgs.bwd_dkv
   n_k = pl.cdiv(spec.sk, cfg.block_k)
   per_seq_block = pl.BlockSpec((None, group, n_rows), lambda i, j, hh: (j, hh, 0))
-  in_specs = [blocks.heads(q, width=group), blocks.heads(k), blocks.heads(v),
-              blocks.heads(dout, width=group), per_seq_block, per_seq_block] + seq_specs
-  args = [q, k, v, dout, lse2, delta] + seq_args
-  if spec.alibi:
-    in_specs.append(blocks.alibi(width=group))
-    args.append(alibi)
-  in_specs, args = in_specs + seed_specs, args + seed_args
   own_head = lambda hh: hh
-  if spec.bias_mask:
-    in_specs += [blocks.pairs(bias, own_head), blocks.pairs(keep, own_head)]
-    args += [bias, keep]
+  op_specs, op_args = _operand_inputs(ops, blocks.operands(spec, own_head, alibi_width=group),
+                                      skip=("sink",))
+  in_specs = [blocks.heads(q, width=group), blocks.heads(k), blocks.heads(v),
+              blocks.heads(dout, width=group), per_seq_block, per_seq_block] + op_specs
+  args = [q, k, v, dout, lse2, delta] + op_args
   table_specs, tables = _table_inputs(spec, cfg, transposed=True, counts=counts,
                                       kv_head_of=own_head)
   in_specs, args = in_specs + table_specs, args + tables
   out_specs = [blocks.heads(k), blocks.heads(v)]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  in_specs, args, aliases = _alias_into(in_specs, args, out_specs, None if into is None else into[1:3])
+  in_specs, args, aliases = _alias_into(in_specs, args, out_specs,
+                                        None if into is None else (into.dk, into.dv))
   if spec.bias_mask:
     # Tiles the tables skip are never written: the gradient starts as zeros the kernel writes into.
+    bias = ops.bias
     aliases[len(args)] = len(out_specs)
     in_specs.append(blocks.pairs(bias, own_head))
-    args.append(into[3] if into is not None and len(into) > 3 else jnp.zeros(bias.shape, bias.dtype))
+    args.append(into.dbias if into is not None and into.dbias is not None
+                else jnp.zeros(bias.shape, bias.dtype))
     out_specs.append(blocks.pairs(bias, own_head))
     out_shape.append(jax.ShapeDtypeStruct(bias.shape, bias.dtype))
   dk, dv, *dbias = pl.pallas_call(
@@ -912,8 +837,21 @@ def backward(q, k, v, out, lse, dout, dlse, alibi, sink=None, seqlens=None, seed
       name="pallas_attn_bwd_dkv",
   )(*args)
   if spec.bias_mask:
-    return dq, dk, dv, dbias[0]
+    return Grads(dq, dk, dv, dbias=dbias[0])
   if not spec.sink:
-    return dq, dk, dv
+    return Grads(dq, dk, dv)
   dsink = dsink[0]
-  return dq, dk, dv, jnp.sum(dsink, axis=(0, 1)) if spec.sink == "sh" else dsink
+  return Grads(dq, dk, dv, dsink=jnp.sum(dsink, axis=(0, 1)) if spec.sink == "sh" else dsink)
+
+
+def covers(call) -> str | None:
+  """Every option of the family, fp16 / bf16 / fp32 and head dims up to 256 (padded to a power
+  of two), compiled for CUDA or in interpret mode (backends/registry.py)."""
+  if jnp.dtype(call.dtype) not in (jnp.float16, jnp.bfloat16, jnp.float32):
+    return f"dtypes float16, bfloat16 and float32, got {jnp.dtype(call.dtype).name}"
+  if call.head_dim > 256:
+    return f"head dims up to 256, got {call.head_dim}"
+  return None
+
+
+registry.register("triton", sys.modules[__name__])

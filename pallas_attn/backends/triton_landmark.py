@@ -31,10 +31,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_attn import _compat
+from pallas_attn.backends import kernel_math as km
 from pallas_attn.backends.triton_flash import (_alias_into, _and, _dot, _head_mask, _load, _store,
                                               _tile_loops)
 from pallas_attn.masking import _ceil_div, _floor_div, _nest
-from pallas_attn.spec import LN2, LOG2E
+from pallas_attn.spec import LOG2E
 from pallas_attn.tiles import KernelConfigs, TileConfig
 
 _INF = float("inf")
@@ -128,7 +129,7 @@ def _modes(pos, start, bs: int):
 def _grad_scores(p, dpv, a, e, delta, dlt):
   """dS (natural-log logits) of one tile; dlt is E_t for landmark-mode queries and delta for own mode."""
   landmark = _landmark_key(p.shape[1])
-  return p * (dpv - dlt[:, None]) + jnp.where(landmark, (a * (e - delta))[:, None], 0.0)
+  return km.logit_grad(p, p, dpv, dlt[:, None]) + jnp.where(landmark, (a * (e - delta))[:, None], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,19 +176,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LandmarkSpec, cfg:
       landmark_mode, own = _modes(pos, start, bs)
       lmk = jnp.where(landmark_mode, lmk, -_INF)
       s_own = jnp.where(own, s, -_INF)
-      m_new = jnp.maximum(m_i, jnp.maximum(lmk, jnp.max(s_own, axis=1)))
+      m_new, m_use, alpha = km.running_max(m_i, jnp.maximum(lmk, jnp.max(s_own, axis=1)), True)
       # Each row is either landmark or own mode here (or sees nothing yet), so the terms just add.
-      m_use = jnp.where(m_new == -_INF, 0.0, m_new)
       beta = jnp.exp2(lmk - m_use)
       p_own = jnp.exp2(s_own - m_use[:, None])
       p = pn * (beta * inv)[:, None] + p_own
       l_add = beta + jnp.sum(p_own, axis=1)
     else:
-      m_new = m_use = jnp.maximum(m_i, lmk)
+      m_new, m_use, alpha = km.running_max(m_i, lmk, False)
       beta = jnp.exp2(lmk - m_use)
       p = pn * (beta * inv)[:, None]
       l_add = beta
-    alpha = jnp.exp2(m_i - m_use)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l_i * alpha + l_add
 
@@ -195,9 +194,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LandmarkSpec, cfg:
            jnp.zeros((bq,), jnp.float32))
   acc, m_i, l_i = _tile_loops(_kv_bounds(spec, q_tile, bq), body, carry)
   # Every real row sees at least its own block's first key, so l_i > 0; padding rows are not stored.
-  l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-  _store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), tile_mask)
-  _store(lse_ref, (m_i + jnp.log2(l_safe)) * LN2, row_ok)
+  out, lse = km.finish(acc, m_i, l_i)
+  _store(o_ref, out.astype(o_ref.dtype), tile_mask)
+  _store(lse_ref, lse, row_ok)
 
 
 def _skip_aliased(kernel, n_inputs: int, n_outputs: int):
@@ -275,8 +274,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, dq_ref, de
   do = _load(do_ref, tile_mask, 0.0)
   o = _load(o_ref, tile_mask, 0.0)
   # d lse / d (outer logit) is its outer probability, so an lse cotangent folds into delta (as in flash).
-  delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
-           - _compat.load(dlse_ref, mask=row_ok, other=0.0))
+  delta = km.o_dot_do(o, do) - _compat.load(dlse_ref, mask=row_ok, other=0.0)
   # Padding rows get lse = +inf, which zeroes every weight they would contribute.
   lse2 = _compat.load(lse_ref, mask=row_ok, other=_INF) * LOG2E
 
