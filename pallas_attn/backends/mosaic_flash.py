@@ -1,32 +1,34 @@
-"""The dense flash-attention forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warpgroups).
+"""The dense flash-attention forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma).
 
-Layouts and results are those of triton_flash.forward for the subset `covers` accepts: q (b, sq, H, d),
-k/v (b, sk, Hk, d) in bf16 or fp16 with d in {64, 128, 256}, out like q, lse (b, H, sq) fp32 (natural
-log, +inf on empty rows); band masks (causal, windows, any sq and sk), softcap, ALiBi, "sh" sinks.
+Layouts and results are triton_flash.forward's for the subset `covers` accepts: q (b, sq, H, d),
+k/v (b, sk, Hk, d) in bf16 or fp16 with d in {64, 128, 256}, out like q, lse (b, H, sq) fp32
+(natural log, +inf on empty rows); band masks (causal, windows, any sq and sk), softcap, ALiBi and
+"sh" sinks.
 
-Schedule (FlashAttention-3's, as jax's attention_mgpu example and tokamax's sm90 kernel also run it):
-one CTA per (head, 128-row query tile, batch) with three warpgroups.
-- Warpgroup 2, the producer, gives up most of its registers and streams the key and value tiles the
-  CTA needs into a ring of `stages` shared-memory slots with TMA, each slot guarded by a "loaded"
-  barrier (completed by the copy) and a "free" barrier (one arrival from each consumer).
-- Warpgroups 0 and 1, the consumers, own 64 query rows each (one wgmma M tile), loaded once by TMA.
-  Per key tile: S = Q K^T by wgmma from shared memory into registers, the score pipeline and the
-  online softmax in registers (exp2 domain), then O += P V by wgmma with P from registers.
-- A two-arrival barrier makes the consumers meet twice per key tile, one step apart, so that one's
-  matrix products overlap the other's softmax ("ping-pong").
-- Both consumers walk every key tile the CTA needs, so barrier phases (tracked per thread) stay in
-  step; a tile outside a consumer's own band is a "skip" step that only waits and arrives. Inside
-  its band, tiles wholly visible to all 64 rows skip the element test (BandMask.kv_tiles).
-- The result is normalized in registers, staged in the consumer's Q slot and stored by TMA (rows past
-  sq are clipped by the copy); lse goes out the same way into a copy padded to whole CTA tiles.
+Schedule (FlashAttention-3's; jax's attention_mgpu example and tokamax's sm90 kernel run it too):
+one CTA per (head, 128-row query tile, batch), three warpgroups.
+- Warpgroup 2, the producer, gives up most of its registers and streams the key and value tiles
+  the CTA needs with TMA into a ring of `stages` shared-memory slots; each slot has a "loaded"
+  barrier (completed by the copy) and a "free" one (one arrival from each consumer).
+- Warpgroups 0 and 1, the consumers, own 64 query rows each (one wgmma M tile), loaded once by
+  TMA. Per key tile: S = Q K^T by wgmma from shared memory, the score pipeline and the online
+  softmax in registers (exp2 domain), then O += P V by wgmma with P from registers.
+- The consumers meet twice per key tile at a two-arrival barrier, one meeting apart, so that one's
+  matrix products overlap the other's softmax (ping-pong).
+- Both consumers walk every key tile the CTA loads, so barrier phases (tracked per thread) stay in
+  step: a tile outside a consumer's own band is a skip step that only waits and arrives. Inside
+  its band, tiles all of whose 64 x block_k pairs are visible skip the element test
+  (BandMask.kv_tiles).
+- The result is normalized in registers, staged in the consumer's Q slot and stored by TMA, which
+  clips rows past sq; lse goes out the same way, into a copy padded to whole CTA tiles.
 
-Rows past sq and keys past sk come in as zeros from TMA's out-of-bounds fill; keys past sk are always
-in a masked tile (full tiles end at floor(sk / block_k)).
+Rows past sq and keys past sk arrive as zeros (TMA's out-of-bounds fill); keys past sk always lie
+in a masked tile, since full tiles end at floor(sk / block_k).
 
-`interpret=True` runs the kernel in Mosaic GPU interpret mode on the CPU (jax 0.10.2's
-InterpretGPUParams). That interpreter lacks three things this kernel uses, which `_interpreter`
-adds to it: wgmma with the A operand in registers, wgmma operands given through transpose_ref, and
-stores into a wgmma accumulator ref.
+`interpret=True` runs the kernel on the CPU in jax's Mosaic GPU interpret mode (jax 0.10.2's
+InterpretGPUParams), which `_extend_interpreter` completes for this kernel: that interpreter has
+no wgmma with A in registers or through transpose_ref, no accumulator stores, no CPU rule for
+layout_cast, and drops a TMA store that is partly out of bounds instead of clipping it.
 """
 from __future__ import annotations
 
@@ -39,7 +41,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:  # jax 0.10.2 needs absl-py to import it
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError as _e:  # pragma: no cover
+  plgpu = None
+  _UNAVAILABLE = f"jax.experimental.pallas.mosaic_gpu does not import ({_e})"
+else:
+  _UNAVAILABLE = None
 
 from pallas_attn.masking import BandMask
 from pallas_attn.spec import LN2, LOG2E, AttentionSpec
@@ -50,7 +59,9 @@ _CONSUMERS = 2
 _HEAD_DIMS = (64, 128, 256)
 _DTYPES = ("bfloat16", "float16")
 _MAX_SINKS = 16  # sink logits are read as unrolled scalars
-_KV_ROW_MULTIPLE = 8  # k/v rows are padded to this (as tokamax does) when sk is not a multiple
+# Mosaic GPU's TMA copies of a tiled (8-row) shared-memory tile need the array's row count to be a
+# multiple of 8 (or below 8): q, k and v are padded to it when not (an XLA copy; out is sliced back).
+_ROW_MULTIPLE = 8
 _SMEM_BYTES = 227 * 1024
 
 
@@ -90,6 +101,8 @@ def _compiler_params():
 def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_sink: bool,
            n_sink: int) -> str | None:
   """None when this backend runs the call, else why not (a short reason)."""
+  if _UNAVAILABLE:
+    return _UNAVAILABLE
   if spec.varlen:
     return "varlen (packed sequences)"
   if spec.page:
@@ -114,7 +127,7 @@ def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_si
   return None
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Kernel
 
 
@@ -371,7 +384,7 @@ def _sink_seed(sink_ref, head, n_sink: int):
   return m0, l0
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Entry
 
 
@@ -400,7 +413,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
   if d != head_dim:
-    raise ValueError(f"head_dim: the Mosaic kernel takes unpadded heads; got {head_dim} for q's {d}")
+    raise ValueError(f"head_dim: the Mosaic kernel takes unpadded heads, got {head_dim} for {d}")
   if h % hk:
     raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
   if (sq, sk) != (spec.sq, spec.sk):
@@ -410,9 +423,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   cfg = config or CONFIGS[d]
   if cfg.smem_bytes(d, q.dtype.itemsize) > _SMEM_BYTES:
     raise ValueError(f"{cfg} needs {cfg.smem_bytes(d, q.dtype.itemsize)} bytes of shared memory")
-  if sk % _KV_ROW_MULTIPLE:
-    pad = [(0, 0), (0, -sk % _KV_ROW_MULTIPLE), (0, 0), (0, 0)]
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  q, k, v = (_pad_rows(x) for x in (q, k, v))
   n_q = pl.cdiv(sq, _CONSUMERS * _ROWS)
   args = [q, k, v]
   if spec.alibi:
@@ -421,7 +432,7 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
     args.append(jnp.asarray(sink, jnp.float32).reshape(h, n_sink))
   kernel = functools.partial(_kernel, spec=spec, cfg=cfg, group=h // hk, n_q_tiles=n_q,
                              reverse=_causal_like(spec.mask), n_sink=n_sink, d=d, dtype=q.dtype)
-  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),  # q's rows, maybe padded
               jax.ShapeDtypeStruct((b, h, n_q * _CONSUMERS * _ROWS), jnp.float32))
   extra = {}
   if interpret:
@@ -438,7 +449,14 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
       kernel_name="pallas_attn_mosaic_fwd",
       **extra,
   )(*args)
-  return out, lse[..., :sq]
+  return out[:, :sq], lse[..., :sq]
+
+
+def _pad_rows(x):
+  n = x.shape[1]
+  if n < _ROW_MULTIPLE or n % _ROW_MULTIPLE == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, -n % _ROW_MULTIPLE), (0, 0), (0, 0)])
 
 
 def _no_keys(q, sink, spec, b, h, sq):
@@ -452,7 +470,7 @@ def _no_keys(q, sink, spec, b, h, sq):
   return out, lse
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Interpret mode
 
 
@@ -471,10 +489,10 @@ def _interpreter():
 
 
 def _extend_interpreter():
-  """Teaches jax's Mosaic GPU interpreter (jax/_src/pallas/mosaic_gpu/interpret, private API) the
-  wgmma forms this kernel uses (A from registers, operands through transpose_ref, stores into an
-  accumulator ref) and layout_cast (which has no CPU lowering). Raises NotImplementedError when the interpreter's internals are not the ones
-  this was written against (jax 0.10.2)."""
+  """Teaches jax's Mosaic GPU interpreter (jax/_src/pallas/mosaic_gpu/interpret, private API) what
+  this kernel needs: wgmma with A in registers or through transpose_ref, stores into an accumulator
+  ref, layout_cast, and TMA stores that clip. Raises NotImplementedError when the interpreter's
+  internals are not the ones this was written against (jax 0.10.2)."""
   # pylint: disable=import-outside-toplevel,protected-access
   try:
     import numpy as np
