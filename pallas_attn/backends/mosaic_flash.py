@@ -94,6 +94,12 @@ def _semantics():
   return table[name]
 
 
+# Rows past the end must read as zeros (V's above all: P is 0 there, but 0 * NaN is not). ZEROS is
+# the default for TMA copies in jax 0.10.2 and 0.11; said explicitly where the enum exists.
+_ZERO_FILL = ({"oob_mode": plgpu.OOBFillMode.ZEROS}
+              if plgpu is not None and hasattr(plgpu, "OOBFillMode") else {})
+
+
 def _compiler_params():
   return plgpu.CompilerParams(approx_math=True, lowering_semantics=_semantics())
 
@@ -103,10 +109,10 @@ def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_si
   """None when this backend runs the call, else why not (a short reason)."""
   if _UNAVAILABLE:
     return _UNAVAILABLE
-  if spec.varlen:
-    return "varlen (packed sequences)"
   if spec.page:
     return "paged keys"
+  if spec.varlen:
+    return "varlen (packed sequences)"
   if spec.dropout_p > 0:
     return "dropout"
   if spec.bias_mask:
@@ -191,7 +197,7 @@ def _kernel(*refs, spec: AttentionSpec, cfg: MosaicConfig, group: int, n_q_tiles
         @pl.when(n >= stages)  # the slot's previous tile must have been used by both consumers
         def _():
           plgpu.barrier_wait(free.at[slot])
-        plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], loaded.at[slot])
+        plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], loaded.at[slot], **_ZERO_FILL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +241,8 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   q0 = (q_tile * _CONSUMERS + wg) * _ROWS
   q_smem = sc.q.at[wg]
-  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, _ROWS), head], q_smem, sc.q_loaded.at[wg])
+  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, _ROWS), head], q_smem, sc.q_loaded.at[wg],
+                          **_ZERO_FILL)
 
   # This consumer's own band, inside the CTA's range [lo_cta, hi_cta) that both consumers walk.
   lo, full_lo, full_hi, hi = (jnp.clip(x, lo_cta, hi_cta) for x in
