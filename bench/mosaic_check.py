@@ -1,6 +1,6 @@
 """One GPU call's worth of checks of the Mosaic GPU forward (pallas_attn/backends/mosaic_flash.py).
 
-  PYTHONPATH=. python bench/mosaic_check.py [--quick] [--semantics lane|warpgroup] [--time-limit S]
+  PYTHONPATH=. python bench/mosaic_check.py [--quick] [--tune] [--semantics lane|warpgroup]
 
 1. Environment: jax, jaxlib, device, compute capability, lowering semantics.
 2. Correctness, small cases from the simplest up: our forward against the float32 reference under
@@ -13,6 +13,8 @@
 3. Timing (skipped with --quick): bf16 forward at the issue's headline shapes for mosaic, triton and
    jax.nn.dot_product_attention(implementation="cudnn"); TFLOP/s (4 b h sq sk d, halved when
    causal) and the ratios.
+4. With --tune (another call: about 3 more minutes), the mosaic kernel at other key tile sizes and
+   ring depths on the same shapes.
 
 Output is flushed line by line; a watchdog reports a call that runs past --call-limit seconds (a
 barrier deadlock hangs the GPU) and exits, so the lead gets what was printed before it.
@@ -89,13 +91,13 @@ _MOSAIC = {}
 INTERPRET = False  # --interpret: a CPU dry run of this script (interpret mode, tiny problems)
 
 
-def mosaic_fn(spec, d, semantics):
-  key = (spec, d, semantics)
+def mosaic_fn(spec, d, semantics, config=None):
+  key = (spec, d, semantics, config)
   if key not in _MOSAIC:
     def fn(q, k, v, alibi, sink):
       os.environ[SEMANTICS_ENV] = semantics  # read while tracing
       return mosaic_flash.forward(q, k, v, alibi, sink, spec=spec, cfgs=None, head_dim=d,
-                                  interpret=INTERPRET)
+                                  interpret=INTERPRET, config=config)
     _MOSAIC[key] = jax.jit(fn)
   return _MOSAIC[key]
 
@@ -331,6 +333,41 @@ def timings(semantics, dog, deadline):
         f"         {r(row.get('mosaic'), row.get('triton'))}")
 
 
+TUNE = {  # (block_k, stages) alternatives per head dim, timed with --tune
+    64: [(128, 2), (128, 4), (64, 4), (192, 2)],
+    128: [(128, 3), (64, 2), (64, 4), (192, 2)],
+    256: [(32, 4), (64, 1)],
+}
+
+
+def tune(semantics, dog, deadline):
+  log("\n== Tuning (mosaic only, bf16 forward, TFLOP/s per (block_k, stages))")
+  cfg = timing.TimingConfig(warmup=2, min_reps=5, max_reps=20, budget_s=0.25, min_batch_s=20e-3)
+  for b, h, s, d, causal in TIMED:
+    q, k, v, _, _ = inputs(b, s, s, h, h, d, "bfloat16", {})
+    spec = make_spec(s, s, d, dict(causal=causal))
+    flops = 4.0 * b * h * s * s * d / (2.0 if causal else 1.0)
+    line = []
+    for bk, stages in [(mosaic_flash.CONFIGS[d].block_k, mosaic_flash.CONFIGS[d].stages)] + TUNE[d]:
+      if time.time() > deadline:
+        line.append("(time limit)")
+        break
+      config = mosaic_flash.MosaicConfig(bk, stages)
+      if config.smem_bytes(d, 2) > mosaic_flash._SMEM_BYTES:  # pylint: disable=protected-access
+        line.append(f"{bk}x{stages}: no smem")
+        continue
+      call = lambda c=config: mosaic_fn(spec, d, semantics, c)(q, k, v, None, None)  # noqa: E731
+      dog.start(f"tune {(b, h, s, d, causal)} {config}")
+      try:
+        jax.block_until_ready(call())
+        ms = timing.measure(call, jax.block_until_ready, cfg).median_s * 1e3
+        line.append(f"{bk}x{stages}: {flops / (ms * 1e-3) / 1e12:.0f}")
+      except Exception as e:  # pylint: disable=broad-except
+        line.append(f"{bk}x{stages}: {type(e).__name__}")
+      dog.stop()
+    log(f"  {str((b, h, s, d)):22s} {'causal' if causal else 'full  '}  " + "  ".join(line))
+
+
 def environment(semantics):
   log("== Environment")
   log(f"  python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {_jaxlib_version()}")
@@ -359,6 +396,8 @@ def main(argv=None):
                       help="seconds after which no new timing row starts")
   parser.add_argument("--call-limit", type=float, default=120.0,
                       help="seconds one call may take before the watchdog exits")
+  parser.add_argument("--tune", action="store_true",
+                      help="after the timing, time the mosaic kernel at other (block_k, stages)")
   parser.add_argument("--interpret", type=int, default=0, metavar="N",
                       help="CPU dry run of this script: the first N cases in interpret mode and "
                            "one tiny timing row")
@@ -375,6 +414,8 @@ def main(argv=None):
   results = correctness(args.semantics, dog)
   if not args.quick:
     timings(args.semantics, dog, start + args.time_limit)
+  if args.tune:
+    tune(args.semantics, dog, start + args.time_limit + 200.0)
   log(f"\ndone in {time.time() - start:.0f} s")
   return 0 if all(s == "ok" for s in results.values()) else 2
 

@@ -6,7 +6,7 @@ k/v (b, sk, Hk, d) in bf16 or fp16 with d in {64, 128, 256}, out like q, lse (b,
 "sh" sinks.
 
 Schedule (FlashAttention-3's; jax's attention_mgpu example and tokamax's sm90 kernel run it too):
-one CTA per (head, 128-row query tile, batch), three warpgroups.
+one CTA per (batch, head, 128-row query tile), three warpgroups.
 - Warpgroup 2, the producer, gives up most of its registers and streams the key and value tiles
   the CTA needs with TMA into a ring of `stages` shared-memory slots; each slot has a "loaded"
   barrier (completed by the copy) and a "free" one (one arrival from each consumer).
@@ -428,6 +428,9 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   if sq == 0 or sk == 0 or b == 0:
     return _no_keys(q, sink, spec, b, h, sq)
   cfg = config or CONFIGS[d]
+  if cfg.block_k % 16 or not 16 <= cfg.block_k <= 256 or cfg.stages < 1:
+    raise ValueError(f"{cfg}: block_k must be a multiple of 16 in [16, 256] (a wgmma operand), "
+                     "stages at least 1")
   if cfg.smem_bytes(d, q.dtype.itemsize) > _SMEM_BYTES:
     raise ValueError(f"{cfg} needs {cfg.smem_bytes(d, q.dtype.itemsize)} bytes of shared memory")
   q, k, v = (_pad_rows(x) for x in (q, k, v))
@@ -448,8 +451,11 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
       kernel,
       out_type=out_type,
       scratch_types=_scratch_types(cfg, d, q.dtype),
-      grid=(h, n_q, b),
-      grid_names=("heads", "q_tiles", "batch"),
+      # The last axis varies fastest in launch order (Mosaic GPU maps it to blockIdx.x): a head's
+      # query tiles run side by side and share its keys and values in L2 (also a GQA group's,
+      # whose heads are neighbours).
+      grid=(b, h, n_q),
+      grid_names=("batch", "heads", "q_tiles"),
       num_threads=_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=_compiler_params(),
