@@ -114,8 +114,8 @@ INTERPRET_CASES = [
     # Window with both bounds (leading and trailing skip steps), softcap, ALiBi, two query tiles.
     dict(b=1, sq=130, sk=200, h=1, hk=1, d=128, dtype="float16", window=(40, 20), softcap=20.0,
          alibi=True),
-    # d=256 (64-row key tiles), causal across two key tiles, sinks.
-    dict(b=1, sq=65, sk=70, h=1, hk=1, d=256, dtype="bfloat16", causal=True, n_sink=2),
+    # d=256 (64-row key tiles), causal, sinks; four key tiles through a ring of two slots.
+    dict(b=1, sq=65, sk=200, h=1, hk=1, d=256, dtype="bfloat16", causal=True, n_sink=2),
 ]
 
 

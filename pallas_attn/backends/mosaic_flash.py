@@ -199,6 +199,15 @@ def _kernel(*refs, spec: AttentionSpec, cfg: MosaicConfig, group: int, n_q_tiles
           plgpu.barrier_wait(free.at[slot])
         plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], loaded.at[slot], **_ZERO_FILL)
 
+    # Observe the last uses of each slot too. Nothing is loaded after them, so the GPU would not
+    # need it, but every thread must see every phase of a barrier it waits on for the interpreter
+    # (whose barrier check otherwise fails), and the waits cost an idle warpgroup nothing.
+    @pl.loop(jnp.maximum(lo_cta, hi_cta - stages), hi_cta)
+    def _drain(i):
+      slot = lax.rem(i - lo_cta, jnp.int32(stages))
+      plgpu.barrier_wait(scratch.k_free.at[slot])
+      plgpu.barrier_wait(scratch.v_free.at[slot])
+
 
 @dataclasses.dataclass(frozen=True)
 class _Scratch:
