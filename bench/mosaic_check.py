@@ -87,6 +87,56 @@ def make_spec(sq, sk, d, opts):
                        alibi=opts.get("alibi", False), sink="sh" if opts.get("n_sink") else None)
 
 
+class AOT:
+  """A jitted function whose executables can be compiled ahead, on other threads (compiles are
+  CPU-bound and the H200 host has 16 cores; run sequentially they would take most of the
+  budget). A failed ahead compile is retried on the calling thread before it counts."""
+
+  def __init__(self, fn):
+    self.fn = jax.jit(fn)
+    self.compiled = {}
+
+  @staticmethod
+  def _key(args):
+    return tuple(None if a is None else (tuple(a.shape), str(a.dtype)) for a in args)
+
+  def compile(self, *args, ahead=False):
+    key = self._key(args)
+    got = self.compiled.get(key)
+    if got is None or (isinstance(got, Exception) and not ahead and key not in self._retried):
+      if isinstance(got, Exception):
+        self._retried.add(key)
+      try:
+        got = self.fn.lower(*args).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        got = e
+      self.compiled[key] = got
+    if isinstance(got, Exception) and not ahead:
+      raise got
+    return got
+
+  _retried: set = set()
+
+  def __call__(self, *args):
+    return self.compile(*args)(*args)
+
+
+SERIAL = False  # --serial: no ahead compiles
+
+
+def precompile(jobs, dog, what):
+  """Compiles (AOT, args) jobs on a thread pool; errors surface when each is called."""
+  if SERIAL or not jobs:
+    return
+  from concurrent import futures  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  dog.start(f"compiling {len(jobs)} executables for {what}")
+  with futures.ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+    list(pool.map(lambda job: job[0].compile(*job[1], ahead=True), jobs))
+  dog.stop()
+  log(f"  (compiled {len(jobs)} executables for {what} in {time.time() - t0:.0f} s on threads)")
+
+
 _MOSAIC = {}
 INTERPRET = False  # --interpret: a CPU dry run of this script (interpret mode, tiny problems)
 
@@ -98,7 +148,7 @@ def mosaic_fn(spec, d, semantics, config=None):
       os.environ[SEMANTICS_ENV] = semantics  # read while tracing
       return mosaic_flash.forward(q, k, v, alibi, sink, spec=spec, cfgs=None, head_dim=d,
                                   interpret=INTERPRET, config=config)
-    _MOSAIC[key] = jax.jit(fn)
+    _MOSAIC[key] = AOT(fn)
   return _MOSAIC[key]
 
 
@@ -109,7 +159,7 @@ def triton_fn(spec, d, itemsize):
   key = (spec, d, itemsize)
   if key not in _TRITON:
     cfgs = tiles.resolve(_compat.next_power_of_2(max(d, 16)), spec.sq, spec.sk, None, itemsize)
-    _TRITON[key] = jax.jit(lambda q, k, v, alibi, sink: triton_flash.forward(
+    _TRITON[key] = AOT(lambda q, k, v, alibi, sink: triton_flash.forward(
         q, k, v, alibi, sink, spec=spec, cfgs=cfgs, head_dim=d, interpret=INTERPRET))
   return _TRITON[key]
 
@@ -123,12 +173,11 @@ def inputs(b, sq, sk, h, hk, d, dtype, opts, seed=0):
   return q, k, v, slopes, sink
 
 
-def reference(q, k, v, slopes, sink, opts, upcast):
-  fn = jax.jit(lambda q, k, v, s, z: attention_reference(
+def reference_fn(opts, upcast):
+  return AOT(lambda q, k, v, s, z: attention_reference(
       q, k, v, causal=opts.get("causal", False), window_size=opts.get("window", (-1, -1)),
       softcap=opts.get("softcap", 0.0), alibi_slopes=s, upcast=upcast,
       sink=None if z is None else z.T))
-  return fn(q, k, v, slopes, sink)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,25 +246,50 @@ class Errors:
       log("      | " + line)
 
 
-def check_case(name, shape, opts, semantics, errors, dog):
-  b, sq, sk, h, hk, d, dtype = (shape[x] for x in ("b", "sq", "sk", "h", "hk", "d", "dtype"))
-  q, k, v, slopes, sink = inputs(b, sq, sk, h, hk, d, dtype, opts)
-  alibi = None if slopes is None else slopes[..., None]
-  spec = make_spec(sq, sk, d, opts)
-  log(f"  [{name}] b={b} sq={sq} sk={sk} h={h} hk={hk} d={d} {dtype} {opts or ''}")
-  reason = mosaic_flash.covers(spec, q.dtype, d, has_alibi=alibi is not None,
+class Problem:
+  """One correctness case's inputs and the four executables it runs."""
+
+  def __init__(self, name, shape, opts, semantics):
+    self.name, self.shape, self.opts = name, shape, opts
+    b, sq, sk, h, hk, d, dtype = (shape[x] for x in ("b", "sq", "sk", "h", "hk", "d", "dtype"))
+    self.d, self.dtype = d, dtype
+    self.q, self.k, self.v, self.slopes, self.sink = inputs(b, sq, sk, h, hk, d, dtype, opts)
+    self.alibi = None if self.slopes is None else self.slopes[..., None]
+    self.spec = make_spec(sq, sk, d, opts)
+    self.mosaic = mosaic_fn(self.spec, d, semantics)
+    self.triton = triton_fn(self.spec, d, self.q.dtype.itemsize)
+    self.ref, self.lowp = reference_fn(opts, True), reference_fn(opts, False)
+
+  def jobs(self):
+    kernel_args = (self.q, self.k, self.v, self.alibi, self.sink)
+    ref_args = (self.q, self.k, self.v, self.slopes, self.sink)
+    return [(self.mosaic, kernel_args), (self.triton, kernel_args), (self.ref, ref_args),
+            (self.lowp, ref_args)]
+
+  def describe(self):
+    sh = self.shape
+    return (f"[{self.name}] b={sh['b']} sq={sh['sq']} sk={sh['sk']} h={sh['h']} hk={sh['hk']} "
+            f"d={sh['d']} {sh['dtype']} {self.opts or ''}")
+
+
+def check_case(problem, errors, dog):
+  pr = problem
+  q, k, v, alibi, sink, d, dtype, name = (pr.q, pr.k, pr.v, pr.alibi, pr.sink, pr.d, pr.dtype,
+                                          pr.name)
+  log("  " + pr.describe())
+  reason = mosaic_flash.covers(pr.spec, q.dtype, d, has_alibi=alibi is not None,
                                has_sink=sink is not None, n_sink=0 if sink is None else sink.shape[-1])
   if reason is not None:
     log(f"    covers() refuses: {reason}")
     return "refused"
-  ref = jax.block_until_ready(reference(q, k, v, slopes, sink, opts, True))
-  lowp = jax.block_until_ready(reference(q, k, v, slopes, sink, opts, False))
+  ref = jax.block_until_ready(pr.ref(q, k, v, pr.slopes, sink))
+  lowp = jax.block_until_ready(pr.lowp(q, k, v, pr.slopes, sink))
   status = "ok"
   ours = None
   dog.start(f"mosaic forward [{name}]")
   t0 = time.time()
   try:
-    ours = jax.block_until_ready(mosaic_fn(spec, d, semantics)(q, k, v, alibi, sink))
+    ours = jax.block_until_ready(pr.mosaic(q, k, v, alibi, sink))
   except Exception as e:  # pylint: disable=broad-except
     errors.report("mosaic", e)
     status = "error"
@@ -223,7 +297,7 @@ def check_case(name, shape, opts, semantics, errors, dog):
   if ours is not None:
     ok_o, e_o, b_o, n_o = _rule(ours[0], lowp[0], ref[0], dtype)
     ok_l, e_l, b_l, n_l = _rule(ours[1], lowp[1], ref[1], dtype, lse=True)
-    log(f"    mosaic ({time.time() - t0:.1f} s incl. compile): out err {e_o:.3e} (bound {b_o:.3e}) "
+    log(f"    mosaic ({time.time() - t0:.1f} s): out err {e_o:.3e} (bound {b_o:.3e}) "
         f"{'ok' if ok_o else 'FAIL ' + n_o} | lse err {e_l:.3e} (bound {b_l:.3e}) "
         f"{'ok' if ok_l else 'FAIL ' + n_l}")
     if not (ok_o and ok_l):
@@ -231,7 +305,7 @@ def check_case(name, shape, opts, semantics, errors, dog):
       _where(ours[0], ref[0], "out")
   dog.start(f"triton forward [{name}]")
   try:
-    tri = jax.block_until_ready(triton_fn(spec, d, q.dtype.itemsize)(q, k, v, alibi, sink))
+    tri = jax.block_until_ready(pr.triton(q, k, v, alibi, sink))
     ok_o, e_o, b_o, _ = _rule(tri[0], lowp[0], ref[0], dtype)
     line = f"    triton: out err {e_o:.3e} {'ok' if ok_o else 'FAIL'}"
     if ours is not None:
@@ -262,9 +336,11 @@ def _where(ours, ref, name):
 def correctness(semantics, dog):
   log(f"\n== Correctness (lowering semantics: {semantics})")
   errors = Errors()
+  problems = [Problem(name, shape, opts, semantics) for name, shape, opts in CASES]
+  precompile([job for p in problems for job in p.jobs()], dog, "the correctness cases")
   results = {}
-  for name, shape, opts in CASES:
-    results[name] = check_case(name, shape, opts, semantics, errors, dog)
+  for problem in problems:
+    results[problem.name] = check_case(problem, errors, dog)
   failed = [n for n, s in results.items() if s != "ok"]
   log(f"  summary: {len(results) - len(failed)} of {len(results)} ok" +
       (f"; not ok: {', '.join(f'{n} ({results[n]})' for n in failed)}" if failed else ""))
@@ -273,7 +349,7 @@ def correctness(semantics, dog):
     other = "warpgroup" if semantics == "lane" else "lane"
     log(f"\n== Retrying [{first_error}] with lowering semantics {other}")
     name, shape, opts = next(c for c in CASES if c[0] == first_error)
-    check_case(name, shape, opts, other, Errors(), dog)
+    check_case(Problem(name, shape, opts, other), Errors(), dog)
   return results
 
 
@@ -288,26 +364,29 @@ TIMED = [
 
 
 def cudnn_fn(causal):
-  return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                              implementation="cudnn"))
+  return AOT(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                          implementation="cudnn"))
 
 
 def timings(semantics, dog, deadline):
   log("\n== Timing (bf16 forward, TFLOP/s; median of the host-timed batches of bench/timing.py)")
   cfg = timing.TimingConfig(warmup=2, min_reps=5, max_reps=20, budget_s=0.25, min_batch_s=20e-3)
   rows = []
+  table = []
   for b, h, s, d, causal in TIMED:
+    q, k, v, _, _ = inputs(b, s, s, h, h, d, "bfloat16", {})
+    spec = make_spec(s, s, d, dict(causal=causal))
+    fns = {"mosaic": (mosaic_fn(spec, d, semantics), (q, k, v, None, None)),
+           "triton": (triton_fn(spec, d, 2), (q, k, v, None, None)),
+           "cudnn": (cudnn_fn(causal), (q, k, v))}
+    table.append(((b, h, s, d, causal), fns))
+  precompile([job for _, fns in table for job in fns.values()], dog, "the timed shapes")
+  for (b, h, s, d, causal), fns in table:
     if time.time() > deadline:
       log(f"  (time limit reached: skipping the rest from {(b, h, s, d, causal)})")
       break
-    q, k, v, _, _ = inputs(b, s, s, h, h, d, "bfloat16", {})
-    spec = make_spec(s, s, d, dict(causal=causal))
     flops = 4.0 * b * h * s * s * d / (2.0 if causal else 1.0)
-    providers = {
-        "mosaic": lambda: mosaic_fn(spec, d, semantics)(q, k, v, None, None),
-        "triton": lambda: triton_fn(spec, d, 2)(q, k, v, None, None),
-        "cudnn": lambda f=cudnn_fn(causal): f(q, k, v),
-    }
+    providers = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in fns.items()}
     row = {}
     for name, call in providers.items():
       what = f"{name} (b={b} h={h} s={s} d={d}{' causal' if causal else ''})"
@@ -396,12 +475,16 @@ def main(argv=None):
                       help="seconds after which no new timing row starts")
   parser.add_argument("--call-limit", type=float, default=120.0,
                       help="seconds one call may take before the watchdog exits")
+  parser.add_argument("--serial", action="store_true",
+                      help="compile on the main thread only (no ahead compiles on a thread pool)")
   parser.add_argument("--tune", action="store_true",
                       help="after the timing, time the mosaic kernel at other (block_k, stages)")
   parser.add_argument("--interpret", type=int, default=0, metavar="N",
                       help="CPU dry run of this script: the first N cases in interpret mode and "
                            "one tiny timing row")
   args = parser.parse_args(argv)
+  global SERIAL  # pylint: disable=global-statement
+  SERIAL = args.serial
   start = time.time()
   environment(args.semantics)
   if args.interpret:

@@ -130,6 +130,8 @@ def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_si
     return f"{n_sink} sink logits (at most {_MAX_SINKS})"
   if has_alibi != spec.alibi:
     return "ALiBi slopes and spec.alibi disagree"
+  if not spec.scale > 0:
+    return f"softmax scale {spec.scale} (must be > 0: the mask is applied before the scale)"
   return None
 
 
@@ -396,6 +398,7 @@ def _sink_seed(sink_ref, head, n_sink: int):
   already-seen keys (triton_flash._sink_seed's rule): scalars."""
   z = [sink_ref[head, s] * LOG2E for s in range(n_sink)]
   m0 = functools.reduce(jnp.maximum, z)
+  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # all sinks at -inf: no mass, and m stays finite
   l0 = functools.reduce(lambda a, b: a + b, [jnp.exp2(x - m0) for x in z])
   return m0, l0
 
