@@ -106,6 +106,13 @@ def _check(b, sq, sk, h, hk, d, dtype, *, interpret, causal=False, window=(-1, -
   numerics.assert_lse(lse, lowp[1], ref[1])
 
 
+def _needs_interpreter():
+  try:
+    mosaic_flash._interpreter()  # pylint: disable=protected-access
+  except NotImplementedError as e:  # a jax whose interpreter internals differ from 0.10.2's
+    pytest.skip(str(e))
+
+
 # Each case runs the kernel in the interpreter (6 to 15 s each on 2 CPU cores).
 INTERPRET_CASES = [
     # GQA, causal with sq > sk (rows 0..36 see no key: out 0, lse +inf), ragged query and key
@@ -123,6 +130,7 @@ INTERPRET_CASES = [
 @pytest.mark.parametrize("case", INTERPRET_CASES,
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "b"))
 def test_interpret_matches_reference(case):
+  _needs_interpreter()
   with jax.default_device(jax.devices("cpu")[0]):  # the interpreter runs on the host
     _check(**case, interpret=True)
 

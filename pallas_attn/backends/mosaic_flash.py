@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import inspect
 import os
 
 import jax
@@ -536,6 +536,10 @@ def _extend_interpreter():
     shared = gpu_callbacks._get_shared_memory
     token_type = gpu_callbacks.TOKEN_SHAPE_DTYPE
     copy_orig = gpu_callbacks.copy_smem_to_gmem
+    expected = {"device_id", "grid_point_coords", "thread_id"}  # later jax: mesh_location, thread
+    for fn in (copy_orig, gpu_callbacks.wgmma):
+      if not expected <= set(inspect.signature(fn).parameters):
+        raise AttributeError(f"{fn.__name__} takes {sorted(inspect.signature(fn).parameters)}")
   except (ImportError, AttributeError) as e:
     raise NotImplementedError(
         f"Mosaic GPU interpret mode: this jax ({jax.__version__}) lacks the interpreter internals "
