@@ -1,0 +1,655 @@
+"""The dense flash-attention forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma).
+
+Layouts and results are triton_flash.forward's for the subset `covers` accepts: q (b, sq, H, d),
+k/v (b, sk, Hk, d) in bf16 or fp16 with d in {64, 128, 256}, out like q, lse (b, H, sq) fp32
+(natural log, +inf on empty rows); band masks (causal, windows, any sq and sk), softcap, ALiBi and
+"sh" sinks.
+
+Schedule (FlashAttention-3's; jax's attention_mgpu example and tokamax's sm90 kernel run it too):
+one CTA per (batch, head, 128-row query tile), three warpgroups.
+- Warpgroup 2, the producer, gives up most of its registers and streams the key and value tiles
+  the CTA needs with TMA into a ring of `stages` shared-memory slots; each slot has a "loaded"
+  barrier (completed by the copy) and a "free" one (one arrival from each consumer).
+- Warpgroups 0 and 1, the consumers, own 64 query rows each (one wgmma M tile), loaded once by
+  TMA. Per key tile: S = Q K^T by wgmma from shared memory, the score pipeline and the online
+  softmax in registers (exp2 domain), then O += P V by wgmma with P from registers.
+- The consumers meet twice per key tile at a two-arrival barrier, one meeting apart, so that one's
+  matrix products overlap the other's softmax (ping-pong).
+- Both consumers walk every key tile the CTA loads, so barrier phases (tracked per thread) stay in
+  step: a tile outside a consumer's own band is a skip step that only waits and arrives. Inside
+  its band, tiles all of whose 64 x block_k pairs are visible skip the element test
+  (BandMask.kv_tiles).
+- The result is normalized in registers, staged in the consumer's Q slot and stored by TMA, which
+  clips rows past sq; lse goes out the same way, into a copy padded to whole CTA tiles.
+
+Rows past sq and keys past sk arrive as zeros (TMA's out-of-bounds fill); keys past sk always lie
+in a masked tile, since full tiles end at floor(sk / block_k).
+
+`interpret=True` runs the kernel on the CPU in jax's Mosaic GPU interpret mode (jax 0.10.2's
+InterpretGPUParams), which `_extend_interpreter` completes for this kernel: that interpreter has
+no wgmma with A in registers or through transpose_ref, no accumulator stores, no CPU rule for
+layout_cast, and drops a TMA store that is partly out of bounds instead of clipping it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # jax 0.10.2 needs absl-py to import it
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError as _e:  # pragma: no cover
+  plgpu = None
+  _UNAVAILABLE = f"jax.experimental.pallas.mosaic_gpu does not import ({_e})"
+else:
+  _UNAVAILABLE = None
+
+from pallas_attn.masking import BandMask
+from pallas_attn.spec import LN2, LOG2E, AttentionSpec
+
+_INF = float("inf")
+_ROWS = 64  # query rows per consumer warpgroup: one wgmma M tile
+_CONSUMERS = 2
+_HEAD_DIMS = (64, 128, 256)
+_DTYPES = ("bfloat16", "float16")
+_MAX_SINKS = 16  # sink logits are read as unrolled scalars
+# Mosaic GPU's TMA copies of a tiled (8-row) shared-memory tile need the array's row count to be a
+# multiple of 8 (or below 8): q, k and v are padded to it when not (an XLA copy; out is sliced back).
+_ROW_MULTIPLE = 8
+_SMEM_BYTES = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Key tile rows and the depth of the key/value ring."""
+  block_k: int
+  stages: int
+
+  def smem_bytes(self, d: int, itemsize: int) -> int:
+    q = _CONSUMERS * _ROWS * d * itemsize
+    kv = 2 * self.stages * self.block_k * d * itemsize
+    return q + kv + _CONSUMERS * _ROWS * 4
+
+
+# Not yet measured on the H200: tokamax's sm90 heuristic (64-row consumers, 128-row key tiles,
+# two stages, 64-row key tiles where 128 does not fit), with a third stage at d=64 where it fits.
+CONFIGS = {64: MosaicConfig(128, 3), 128: MosaicConfig(128, 2), 256: MosaicConfig(64, 2)}
+
+# Lowering semantics, passed explicitly: jax 0.10.2 defaults to Lane, jax >= 0.11 to Warpgroup
+# (jax commit 32915de, 2026-07-16). Lane is the lowering this kernel is written and lowered for.
+_SEMANTICS_ENV = "PALLAS_ATTN_MGPU_SEMANTICS"
+
+
+def _semantics():
+  name = os.environ.get(_SEMANTICS_ENV, "lane").strip().lower()
+  table = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
+  if name not in table:
+    raise ValueError(f"{_SEMANTICS_ENV}: expected 'lane' or 'warpgroup', got {name!r}")
+  return table[name]
+
+
+# Rows past the end must read as zeros (V's above all: P is 0 there, but 0 * NaN is not). ZEROS is
+# the default for TMA copies in jax 0.10.2 and 0.11; said explicitly where the enum exists.
+_ZERO_FILL = ({"oob_mode": plgpu.OOBFillMode.ZEROS}
+              if plgpu is not None and hasattr(plgpu, "OOBFillMode") else {})
+
+
+def _compiler_params():
+  return plgpu.CompilerParams(approx_math=True, lowering_semantics=_semantics())
+
+
+def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_sink: bool,
+           n_sink: int) -> str | None:
+  """None when this backend runs the call, else why not (a short reason)."""
+  if _UNAVAILABLE:
+    return _UNAVAILABLE
+  if spec.page:
+    return "paged keys"
+  if spec.varlen:
+    return "varlen (packed sequences)"
+  if spec.dropout_p > 0:
+    return "dropout"
+  if spec.bias_mask:
+    return "bias_mask (dynamic mask)"
+  if not isinstance(spec.mask, BandMask) or spec.mask.tabled:
+    return "tabled mask"
+  name = jnp.dtype(dtype).name
+  if name not in _DTYPES:
+    return f"dtype {name} (bf16 and fp16 only)"
+  if head_dim not in _HEAD_DIMS:
+    return f"head dim {head_dim} (64, 128 and 256 only)"
+  if spec.sink not in (None, "sh") or (has_sink and spec.sink != "sh"):
+    return f"sink layout {spec.sink!r} ('sh' only)"
+  if has_sink and n_sink > _MAX_SINKS:
+    return f"{n_sink} sink logits (at most {_MAX_SINKS})"
+  if has_alibi != spec.alibi:
+    return "ALiBi slopes and spec.alibi disagree"
+  if not spec.scale > 0:
+    return f"softmax scale {spec.scale} (must be > 0: the mask is applied before the scale)"
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _band_bounds(mask: BandMask, tile, rows: int, bk: int):
+  """(lo, full_lo, full_hi, hi) key tiles for the query rows [tile * rows, tile * rows + rows)."""
+  return mask.kv_tiles(tile, rows, bk)
+
+
+def _visible(mask: BandMask, i, j):
+  """BandMask.visible on [rows, cols] index tiles i (query, off added here) and j (key)."""
+  i = i + mask.off
+  ok = j < mask.sk
+  if mask.right is not None:
+    ok = ok & (j <= i + mask.right)
+  if mask.left is not None:
+    ok = ok & (j >= i - mask.left)
+  return ok
+
+
+def _kernel(*refs, spec: AttentionSpec, cfg: MosaicConfig, group: int, n_q_tiles: int,
+            reverse: bool, n_sink: int, d: int, dtype):
+  q_ref, k_ref, v_ref = refs[:3]
+  pos = 3
+  alibi_ref = sink_ref = None
+  if spec.alibi:
+    alibi_ref, pos = refs[pos], pos + 1
+  if spec.sink:
+    sink_ref, pos = refs[pos], pos + 1
+  o_ref, lse_ref = refs[pos:pos + 2]
+  scratch = _Scratch(*refs[pos + 2:])
+
+  mask = spec.mask
+  bk, stages = cfg.block_k, cfg.stages
+  wg = lax.axis_index("wg")
+  head = lax.axis_index("heads")
+  batch = lax.axis_index("batch")
+  pid = lax.axis_index("q_tiles")
+  q_tile = (n_q_tiles - 1 - pid) if reverse else pid  # the heaviest causal tiles first
+  lo_cta, _, _, hi_cta = _band_bounds(mask, q_tile, _CONSUMERS * _ROWS, bk)
+  hi_cta = jnp.maximum(hi_cta, lo_cta)
+
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, scratch, spec=spec, cfg=cfg,
+             wg=wg, head=head, batch=batch, q_tile=q_tile, lo_cta=lo_cta, hi_cta=hi_cta,
+             n_sink=n_sink, d=d, dtype=dtype)
+
+  @pl.when(wg == _CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.int32(group))
+
+    @pl.loop(lo_cta, hi_cta)
+    def _load(i):
+      n = i - lo_cta
+      slot = lax.rem(n, jnp.int32(stages))
+      rows = (batch, pl.ds(i * bk, bk), kv_head)
+      for src, dst, loaded, free in ((k_ref, scratch.k, scratch.k_loaded, scratch.k_free),
+                                     (v_ref, scratch.v, scratch.v_loaded, scratch.v_free)):
+        @pl.when(n >= stages)  # the slot's previous tile must have been used by both consumers
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+        plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], loaded.at[slot], **_ZERO_FILL)
+
+    # Observe the last uses of each slot too. Nothing is loaded after them, so the GPU would not
+    # need it, but every thread must see every phase of a barrier it waits on for the interpreter
+    # (whose barrier check otherwise fails), and the waits cost an idle warpgroup nothing.
+    @pl.loop(jnp.maximum(lo_cta, hi_cta - stages), hi_cta)
+    def _drain(i):
+      slot = lax.rem(i - lo_cta, jnp.int32(stages))
+      plgpu.barrier_wait(scratch.k_free.at[slot])
+      plgpu.barrier_wait(scratch.v_free.at[slot])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scratch:
+  q: object  # (2, 64, d): each consumer's queries, then its output
+  k: object  # (stages, bk, d)
+  v: object
+  lse: object  # (2, 64) fp32
+  q_loaded: object
+  k_loaded: object
+  v_loaded: object
+  k_free: object
+  v_free: object
+  turn: object  # the consumers' meeting point (two arrivals)
+
+
+def _scratch_types(cfg: MosaicConfig, d: int, dtype):
+  swizzle = 128
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+  smem = lambda *shape: plgpu.SMEM(shape, dtype, transforms=transforms)  # noqa: E731
+  return [
+      smem(_CONSUMERS, _ROWS, d),
+      smem(cfg.stages, cfg.block_k, d),
+      smem(cfg.stages, cfg.block_k, d),
+      plgpu.SMEM((_CONSUMERS, _ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=_CONSUMERS),
+      plgpu.Barrier(num_barriers=cfg.stages),
+      plgpu.Barrier(num_barriers=cfg.stages),
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=cfg.stages),
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=cfg.stages),
+      plgpu.Barrier(num_arrivals=_CONSUMERS),
+  ]
+
+
+def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scratch, *, spec, cfg,
+             wg, head, batch, q_tile, lo_cta, hi_cta, n_sink, d, dtype):
+  mask = spec.mask
+  bk, stages = cfg.block_k, cfg.stages
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  q0 = (q_tile * _CONSUMERS + wg) * _ROWS
+  q_smem = sc.q.at[wg]
+  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, _ROWS), head], q_smem, sc.q_loaded.at[wg],
+                          **_ZERO_FILL)
+
+  # This consumer's own band, inside the CTA's range [lo_cta, hi_cta) that both consumers walk.
+  lo, full_lo, full_hi, hi = (jnp.clip(x, lo_cta, hi_cta) for x in
+                              _band_bounds(mask, q_tile * _CONSUMERS + wg, _ROWS, bk))
+
+  def meet():
+    plgpu.barrier_arrive(sc.turn)
+    plgpu.barrier_wait(sc.turn)
+
+  def slot_of(i):
+    return lax.rem(i - lo_cta, jnp.int32(stages))
+
+  def wait_next_k(i):
+    @pl.when(i + 1 < hi_cta)
+    def _():
+      plgpu.barrier_wait(sc.k_loaded.at[slot_of(i + 1)])
+
+  if spec.softcap > 0:
+    c = spec.softcap * LOG2E  # log2-domain logit = c * tanh(raw * scale / softcap)
+  else:
+    c = spec.scale * LOG2E  # log2-domain logit = c * raw
+  slope = None
+  if spec.alibi:
+    # ALiBi's -slope * |i + off - j| in units of the logit before the factor c.
+    slope = _splat(alibi_ref[batch, head, 0] * (LOG2E / c), (_ROWS, bk), wgmma_layout)
+
+  def iota(dim):
+    return plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), dim, layout=wgmma_layout)
+
+  def skip_step(i):
+    # A key tile outside this consumer's band: keep the barrier phases and the meeting order of
+    # a computing step without touching the data.
+    slot = slot_of(i)
+    plgpu.barrier_arrive(sc.k_free.at[slot])
+    meet()
+    plgpu.barrier_wait(sc.v_loaded.at[slot])
+    plgpu.barrier_arrive(sc.v_free.at[slot])
+    meet()
+    wait_next_k(i)
+
+  def step(i, carry, *, masked: bool):
+    acc, m_i, l_i = carry
+    slot = slot_of(i)
+
+    def qk(s_ref):
+      plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(sc.k.at[slot], (1, 0)))
+      meet()  # while the product runs, the other consumer finishes its softmax
+      return s_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), jnp.float32))
+    plgpu.barrier_arrive(sc.k_free.at[slot])
+    if spec.softcap > 0:
+      s = jnp.tanh(s * (spec.scale / spec.softcap))
+    if spec.alibi or masked:
+      rows = q0 + iota(0)
+      cols = i * bk + iota(1)
+    if spec.alibi:
+      s = s - slope * jnp.abs(rows + mask.off - cols).astype(jnp.float32)
+    if masked:
+      s = jnp.where(_visible(mask, rows, cols), s, -_INF)
+    m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+    # A row that has seen nothing yet (only in masked tiles, without sinks) keeps m = -inf; shift
+    # it by 0 so that exp2 never sees inf - inf.
+    m_use = jnp.where(m_new == -_INF, 0.0, m_new) if masked and not spec.sink else m_new
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l_i = l_i * alpha
+    p16 = p.astype(dtype)
+    # As in jax's example kernel: summing P before the meeting point, behind an optimization
+    # barrier, schedules better for d <= 128 (measured there, not here).
+    if d <= 128:
+      l_i = l_i + p.sum(axis=1)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    plgpu.barrier_arrive(sc.turn)
+    plgpu.barrier_wait(sc.v_loaded.at[slot])
+    plgpu.barrier_wait(sc.turn)  # the tensor cores are ours until the other consumer's QK
+    if d > 128:
+      l_i = l_i + p.sum(axis=1)
+
+    def pv(acc_ref):
+      acc_ref[...] = acc
+      plgpu.wgmma(acc_ref, p16, sc.v.at[slot])
+      wait_next_k(i)  # overlaps the product
+      return acc_ref[...]
+
+    acc = pl.run_scoped(pv, plgpu.ACC((_ROWS, d), jnp.float32))
+    plgpu.barrier_arrive(sc.v_free.at[slot])
+    return acc, m_new, l_i
+
+  m0 = jnp.full((_ROWS,), -_INF, jnp.float32)
+  l0 = jnp.zeros((_ROWS,), jnp.float32)
+  if spec.sink:
+    m0, l0 = _sink_seed(sink_ref, head, n_sink)
+  carry = (plgpu.layout_cast(jnp.zeros((_ROWS, d), jnp.float32), wgmma_layout),
+           _splat(m0, (_ROWS,), row_layout), _splat(l0, (_ROWS,), row_layout))
+
+  plgpu.barrier_wait(sc.q_loaded.at[wg])
+
+  @pl.when(lo_cta < hi_cta)
+  def _():
+    plgpu.barrier_wait(sc.k_loaded.at[0])
+
+  pl.when(wg == 1)(meet)  # consumer 1 runs one meeting behind consumer 0
+
+  masked_step = functools.partial(step, masked=True)
+  full_step = functools.partial(step, masked=False)
+  if mask.left is not None:
+    pl.loop(lo_cta, lo)(skip_step)
+    carry = lax.fori_loop(lo, full_lo, masked_step, carry)
+  carry = lax.fori_loop(full_lo, full_hi, full_step, carry)
+  if not (mask.is_dense and mask.sk % bk == 0):
+    carry = lax.fori_loop(full_hi, hi, masked_step, carry)
+  if mask.right is not None:
+    pl.loop(hi, hi_cta)(skip_step)
+
+  pl.when(wg == 0)(meet)
+  acc, m_i, l_i = carry
+
+  empty = l_i == 0.0
+  l_safe = jnp.where(empty, 1.0, l_i)
+  out = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+  lse = jnp.where(empty, _INF, m_i * LN2 + jnp.log(l_safe))
+  q_smem[...] = out.astype(dtype)  # this consumer's last QK product has completed
+  sc.lse.at[wg][...] = lse
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, _ROWS), head])
+  plgpu.copy_smem_to_gmem(sc.lse.at[wg], lse_ref.at[batch, head, pl.ds(q0, _ROWS)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _splat(x, shape, layout):
+  """A scalar (or an array of `shape`) as an array of `shape` in `layout`."""
+  x = jnp.asarray(x, jnp.float32)
+  if x.shape != tuple(shape):
+    x = lax.broadcast_in_dim(x, shape, ())
+  return plgpu.layout_cast(x, layout)
+
+
+def _sink_seed(sink_ref, head, n_sink: int):
+  """Running max and sum (log2 domain) that start from the head's sink logits, as if they were
+  already-seen keys (triton_flash._sink_seed's rule): scalars."""
+  z = [sink_ref[head, s] * LOG2E for s in range(n_sink)]
+  m0 = functools.reduce(jnp.maximum, z)
+  m0 = jnp.where(m0 == -_INF, 0.0, m0)  # all sinks at -inf: no mass, and m stays finite
+  l0 = functools.reduce(lambda a, b: a + b, [jnp.exp2(x - m0) for x in z])
+  return m0, l0
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry
+
+
+def _causal_like(mask: BandMask) -> bool:
+  return mask.right is not None
+
+
+def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=None, *,
+            spec: AttentionSpec, cfgs, head_dim: int, interpret: bool, into=None,
+            config: MosaicConfig | None = None):
+  """out like q and lse (b, H, sq) fp32, as triton_flash.forward for the calls `covers` accepts.
+
+  cfgs (the Triton tile table) is accepted for the common signature and unused; `config` overrides
+  the tile table here. into: accepted for the common signature; the results are returned as new
+  arrays (XLA may reuse donated buffers for them, but nothing forces it).
+  """
+  del cfgs, into
+  n_sink = 0 if sink is None else sink.shape[-1]
+  reason = covers(spec, q.dtype, head_dim, has_alibi=alibi is not None,
+                  has_sink=sink is not None, n_sink=n_sink)
+  if reason is None and (seqlens is not None or seed is not None or bias is not None
+                         or keep is not None):
+    reason = "varlen, dropout or dynamic-mask operands given"
+  if reason is not None:
+    raise NotImplementedError(f"mosaic_flash.forward: {reason}")
+  b, sq, h, d = q.shape
+  sk, hk = k.shape[1], k.shape[2]
+  if d != head_dim:
+    raise ValueError(f"head_dim: the Mosaic kernel takes unpadded heads, got {head_dim} for {d}")
+  if h % hk:
+    raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
+  if (sq, sk) != (spec.sq, spec.sk):
+    raise ValueError(f"spec is for (sq, sk) = {(spec.sq, spec.sk)}, arrays give {(sq, sk)}")
+  if sq == 0 or sk == 0 or b == 0:
+    return _no_keys(q, sink, spec, b, h, sq)
+  cfg = config or CONFIGS[d]
+  if cfg.block_k % 16 or not 16 <= cfg.block_k <= 256 or cfg.stages < 1:
+    raise ValueError(f"{cfg}: block_k must be a multiple of 16 in [16, 256] (a wgmma operand), "
+                     "stages at least 1")
+  if cfg.smem_bytes(d, q.dtype.itemsize) > _SMEM_BYTES:
+    raise ValueError(f"{cfg} needs {cfg.smem_bytes(d, q.dtype.itemsize)} bytes of shared memory")
+  q, k, v = (_pad_rows(x) for x in (q, k, v))
+  n_q = pl.cdiv(sq, _CONSUMERS * _ROWS)
+  args = [q, k, v]
+  if spec.alibi:
+    args.append(jnp.asarray(alibi, jnp.float32).reshape(b, h, 1))
+  if spec.sink:
+    args.append(jnp.asarray(sink, jnp.float32).reshape(h, n_sink))
+  kernel = functools.partial(_kernel, spec=spec, cfg=cfg, group=h // hk, n_q_tiles=n_q,
+                             reverse=_causal_like(spec.mask), n_sink=n_sink, d=d, dtype=q.dtype)
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),  # q's rows, maybe padded
+              jax.ShapeDtypeStruct((b, h, n_q * _CONSUMERS * _ROWS), jnp.float32))
+  extra = {}
+  if interpret:
+    extra["interpret"] = _interpreter()
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=_scratch_types(cfg, d, q.dtype),
+      # The last axis varies fastest in launch order (Mosaic GPU maps it to blockIdx.x): a head's
+      # query tiles run side by side and share its keys and values in L2 (also a GQA group's,
+      # whose heads are neighbours).
+      grid=(b, h, n_q),
+      grid_names=("batch", "heads", "q_tiles"),
+      num_threads=_CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=_compiler_params(),
+      kernel_name="pallas_attn_mosaic_fwd",
+      **extra,
+  )(*args)
+  return out[:, :sq], lse[..., :sq]
+
+
+def _pad_rows(x):
+  n = x.shape[1]
+  if n < _ROW_MULTIPLE or n % _ROW_MULTIPLE == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, -n % _ROW_MULTIPLE), (0, 0), (0, 0)])
+
+
+def _no_keys(q, sink, spec, b, h, sq):
+  """sq, sk or b is 0: every row is empty (lse from the sinks alone, if any)."""
+  out = jnp.zeros(q.shape, q.dtype)
+  if spec.sink:
+    z = jax.nn.logsumexp(jnp.asarray(sink, jnp.float32), axis=-1)  # (H,)
+    lse = jnp.broadcast_to(z[None, :, None], (b, h, sq))
+  else:
+    lse = jnp.full((b, h, sq), _INF, jnp.float32)
+  return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpret mode
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter():
+  """InterpretGPUParams for this kernel, with the interpreter extended (see the module docstring).
+
+  Out-of-bounds reads return zeros, as TMA's fill does on the GPU (and fresh buffers are zeros, so
+  an unwritten output reads 0, which the parity tests would flag).
+  """
+  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+  _extend_interpreter()
+  return interpret_params.InterpretGPUParams(out_of_bounds_reads="uninitialized",
+                                             uninitialized_memory="zero")
+
+
+def _extend_interpreter():
+  """Teaches jax's Mosaic GPU interpreter (jax/_src/pallas/mosaic_gpu/interpret, private API) what
+  this kernel needs: wgmma with A in registers or through transpose_ref, stores into an accumulator
+  ref, layout_cast, and TMA stores that clip. Raises NotImplementedError when the interpreter's
+  internals are not the ones this was written against (jax 0.10.2)."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  try:
+    import numpy as np
+    from jax._src import callback
+    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+    from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+    from jax._src.pallas.mosaic_gpu.core import layout_cast_p
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+    from jax._src.state import indexing
+    from jax._src.state import types as state_types
+    interp = jaxpr_interpret.JaxprInterpreter
+    arith = interp._interpret_arithmetic_primitive
+    key_of = gpu_callbacks.HostAllocationKey.from_array
+    noop = gpu_callbacks.NOOP_TRANSFORMS
+    shared = gpu_callbacks._get_shared_memory
+    token_type = gpu_callbacks.TOKEN_SHAPE_DTYPE
+    copy_orig = gpu_callbacks.copy_smem_to_gmem
+    expected = {"device_id", "grid_point_coords", "thread_id"}  # later jax: mesh_location, thread
+    for fn in (copy_orig, gpu_callbacks.wgmma):
+      if not expected <= set(inspect.signature(fn).parameters):
+        raise AttributeError(f"{fn.__name__} takes {sorted(inspect.signature(fn).parameters)}")
+  except (ImportError, AttributeError) as e:
+    raise NotImplementedError(
+        f"Mosaic GPU interpret mode: this jax ({jax.__version__}) lacks the interpreter internals "
+        f"mosaic_flash extends ({e})") from e
+  if getattr(interp, "_pallas_attn_extended", False):
+    return
+
+  def split(transforms):
+    """Indexers -> a numpy range, then an optional trailing transpose."""
+    indexers, perm = [], None
+    for t in transforms:
+      if isinstance(t, noop):
+        continue
+      if isinstance(t, indexing.NDIndexer) and perm is None:
+        indexers.append(t)
+      elif isinstance(t, state_types.TransposeTransform) and perm is None:
+        perm = tuple(t.permutation)
+      else:
+        raise NotImplementedError(f"mosaic_flash interpret: wgmma operand transform {t}")
+    return interpret_utils.to_range(jax.tree.map(int, indexers)), perm
+
+  def context(device_id, grid_point_coords, thread_id):
+    mem = shared()
+    device_id, thread_id = int(device_id), int(thread_id)
+    info = interpret_utils.GPULoggingInfo(
+        device_id=device_id, grid_point_coords=tuple(int(x) for x in grid_point_coords),
+        thread_id=thread_id, source_info=None)
+    return mem, mem.get_global_thread_id(device_id, thread_id), info
+
+  def wgmma_callback(*, token, device_id, grid_point_coords, thread_id, acc, acc_t, a, a_t, b,
+                     b_t, a_is_ref, acc_dtype):
+    mem, tid, info = context(device_id, grid_point_coords, thread_id)
+
+    def read(key, transforms):
+      rng, perm = split(transforms)
+      x, _, _ = mem.get_buffer_content(key_of(key), rng, tid, logging_info=info)
+      return x if perm is None else np.transpose(x, perm)
+
+    lhs = read(a, a_t) if a_is_ref else np.asarray(a)
+    rhs = read(b, b_t)
+    rng, perm = split(acc_t)
+    assert perm is None
+    old, _, _ = mem.get_buffer_content(key_of(acc), rng, tid, logging_info=info)
+    new = old + np.matmul(lhs.astype(np.float32), rhs.astype(np.float32)).astype(acc_dtype)
+    mem.store_buffer_content(key_of(acc), rng, new, tid, logging_info=info)
+    return token
+
+  def store_callback(*, token, device_id, grid_point_coords, thread_id, acc, value):
+    mem, tid, info = context(device_id, grid_point_coords, thread_id)
+    mem.store_buffer_content(key_of(acc), (), np.asarray(value), tid, logging_info=info)
+    return token
+
+  def copy_smem_to_gmem(*, token, device_id, grid_point_coords, thread_id,
+                        src_allocation_key_as_array, src_transforms, dst_allocation_key_as_array,
+                        dst_transforms, predicate, source_info, commit_group, reduction_op):
+    # TMA stores only the in-bounds part of a box; the interpreter drops a partly outside store.
+    if predicate is not None or reduction_op is not None:
+      return copy_orig(
+          token=token, device_id=device_id, grid_point_coords=grid_point_coords,
+          thread_id=thread_id, src_allocation_key_as_array=src_allocation_key_as_array,
+          src_transforms=src_transforms, dst_allocation_key_as_array=dst_allocation_key_as_array,
+          dst_transforms=dst_transforms, predicate=predicate, source_info=source_info,
+          commit_group=commit_group, reduction_op=reduction_op)
+    mem, tid, info = context(device_id, grid_point_coords, thread_id)
+    src_rng, perm = split(jax.tree.map(int, src_transforms))
+    assert perm is None
+    value, _, _ = mem.get_buffer_content(key_of(src_allocation_key_as_array), src_rng, tid,
+                                         logging_info=info)
+    rng, perm = split(jax.tree.map(int, dst_transforms))
+    assert perm is None
+    dst = key_of(dst_allocation_key_as_array)
+    rng = tuple(slice(0, n) if r == slice(None) else r
+                for r, n in zip(rng + (slice(None),) * (len(mem.mem[dst].logical_shape) - len(rng)),
+                                mem.mem[dst].logical_shape))
+    clipped = interpret_utils.clip_range_to_shape(rng, mem.mem[dst].logical_shape)
+    if clipped is not None:
+      part = tuple(slice(0, c.stop - c.start) for r, c in zip(rng, clipped)
+                   if isinstance(r, slice))
+      mem.store_buffer_content(dst, clipped, np.ascontiguousarray(value[part]), tid,
+                               logging_info=info)
+    return token
+
+  def interpret_wgmma(self, eqn, token, get_invals):
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    trees = [eqn.params[n] or empty for n in
+             ("acc_transforms_tree", "a_transforms_tree", "b_transforms_tree")]
+    acc_t, a_t, b_t = jax.tree.unflatten(jax.tree_util.treedef_tuple(trees), leaves)
+    token = callback.io_callback(
+        functools.partial(wgmma_callback, acc_dtype=eqn.invars[0].aval.dtype,
+                          a_is_ref=isinstance(eqn.invars[1].aval, state_types.AbstractRef)),
+        token_type, token=token, device_id=self.device_info.device_id,
+        grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc, acc_t=acc_t,
+        a=a, a_t=a_t, b=b, b_t=b_t, ordered=True)
+    return token, []
+
+  def interpret_arithmetic(self, eqn, get_invals):
+    if eqn.primitive is layout_cast_p:  # a register layout: nothing to do on the CPU
+      return get_invals()[0]
+    if eqn.primitive is not gpu_primitives.wgmma_accumulator_store_p:
+      return arith(self, eqn, get_invals)
+    acc, value = get_invals()
+    # Ordered callbacks run in program order, so the interpreter's token need not pass through.
+    callback.io_callback(
+        store_callback, token_type, token=jnp.int32(0), device_id=self.device_info.device_id,
+        grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc, value=value,
+        ordered=True)
+    return value
+
+  interp._interpret_wgmma_ref_p = interpret_wgmma
+  interp._interpret_arithmetic_primitive = interpret_arithmetic
+  gpu_callbacks.copy_smem_to_gmem = copy_smem_to_gmem
+  interp._pallas_attn_extended = True
