@@ -55,6 +55,11 @@ def _local(kernel, args, roles, out_roles, what, seed, sums=()):
                         no_shard_reason=None if seed is None else "dropout (dropout_p > 0)")
 
 
+def _n_sink(ops: Operands) -> int:
+  """Sink logits per head (the last axis in every sink layout), which a backend may bound."""
+  return 0 if ops.sink is None else ops.sink.shape[-1]
+
+
 def _run_forward(q, k, v, ops: Operands, spec, cfgs, into=None):
   ops.check(spec)
 
@@ -63,7 +68,7 @@ def _run_forward(q, k, v, ops: Operands, spec, cfgs, into=None):
                                  interpret=interpret, into=into))
 
   kernel = lambda q, k, v, ops, into: registry.dispatch(  # noqa: E731
-      "forward", spec, q, run, q, k, v, ops, into)
+      "forward", spec, q, run, q, k, v, ops, into, n_sink=_n_sink(ops))
   if into is not None:  # the torch bridge's aliased buffers: one device
     return kernel(q, k, v, ops, into)
   qkv_roles, op_roles, out_roles = _roles(spec)
@@ -86,7 +91,8 @@ def _run_backward(q, k, v, ops: Operands, out, lse, dout, dlse, spec, cfgs, into
     return backend.backward(q, k, v, out, lse, dout, dlse, ops, spec=spec, cfgs=cfgs,
                             head_dim=q.shape[-1], interpret=interpret, into=into)
 
-  kernel = lambda *a: registry.dispatch("backward", spec, a[0], run, *a)  # noqa: E731
+  kernel = lambda *a: registry.dispatch(  # noqa: E731
+      "backward", spec, a[0], run, *a, n_sink=_n_sink(ops))
   if into is not None:
     return kernel(q, k, v, out, lse, dout, dlse, ops, into)
   (q_role, k_role, v_role), op_roles, (o_role, lse_role) = _roles(spec)

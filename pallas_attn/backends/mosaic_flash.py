@@ -653,3 +653,47 @@ def _extend_interpreter():
   interp._interpret_arithmetic_primitive = interpret_arithmetic
   gpu_callbacks.copy_smem_to_gmem = copy_smem_to_gmem
   interp._pallas_attn_extended = True
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry's interface (backends/registry.py)
+
+
+class _Backend:
+  """The Mosaic GPU forward as a registry backend. It answers for compiled Hopper calls only
+  (interpret mode on the CPU runs triton_flash's kernels, which the whole CPU suite checks; this
+  module's own interpret mode is for tests/test_mosaic.py) and has no backward: the dispatcher
+  takes the backward from Triton, which reads the same (out, lse).
+
+  `automatic` stays False until the GPU parity suite (tests/test_mosaic.py -m gpu) has passed on
+  an H100/H200: until then the kernel runs only when chosen by name (backend="mosaic" or
+  PALLAS_ATTN_BACKEND=mosaic)."""
+
+  automatic = False
+
+  @staticmethod
+  def covers(call) -> str | None:
+    if call.platform != "cuda":
+      return "compiled for CUDA only (interpret mode runs the Triton kernels)"
+    if call.phase != "forward":
+      return "forward only (the backward runs on Triton)"
+    cc = call.compute_capability
+    if cc is None or cc[0] != 9:
+      return f"needs compute capability 9.x (Hopper's wgmma and TMA), got {cc}"
+    return covers(call.spec, call.dtype, call.head_dim, has_alibi=call.spec.alibi,
+                  has_sink=bool(call.spec.sink) and call.n_sink > 0, n_sink=call.n_sink)
+
+  @staticmethod
+  def forward(q, k, v, ops, *, spec, cfgs, head_dim, interpret, into=None):
+    return forward(q, k, v, ops.alibi, ops.sink, seqlens=ops.seqlens, seed=ops.seed, bias=ops.bias,
+                   keep=ops.keep, spec=spec, cfgs=cfgs, head_dim=head_dim, interpret=interpret,
+                   into=into)
+
+  @staticmethod
+  def backward(*args, **kwargs):
+    raise NotImplementedError("mosaic_flash: no backward; the registry takes it from Triton")
+
+
+if _UNAVAILABLE is None:
+  from pallas_attn.backends import registry as _registry
+  _registry.register("mosaic", _Backend)

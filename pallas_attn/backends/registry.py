@@ -61,6 +61,7 @@ class Call:
   head_dim: int  # unpadded
   platform: str  # "cuda" or "interpret"
   compute_capability: tuple[int, int] | None = None  # of the GPU, for "cuda"
+  n_sink: int = 0  # sink logits per head (spec.sink), a shape a backend may bound
 
   def __str__(self):
     where = self.platform
@@ -135,7 +136,10 @@ def select(call: Call, explicit: str | None = None) -> str:
     backend = _BACKENDS.get(name)
     if backend is None:
       continue
-    reason = backend.covers(call)
+    # A backend may ask to run only when chosen by name (`automatic = False`), e.g. while its GPU
+    # parity suite has not yet passed on the hardware it targets.
+    reason = (backend.covers(call) if getattr(backend, "automatic", True)
+              else "runs only when chosen by name")
     if reason is None:
       return name
     reasons.append(f"{name}: {reason}")
@@ -165,11 +169,11 @@ def force_interpret() -> bool:
   return os.environ.get("PALLAS_ATTN_INTERPRET", "0") not in ("", "0")
 
 
-def dispatch(phase: str, spec: AttentionSpec, q, run: Callable, *args):
+def dispatch(phase: str, spec: AttentionSpec, q, run: Callable, *args, n_sink: int = 0):
   """run(backend, interpret, *args) with the backend chosen for each lowering platform.
 
-  q: the query operand (its dtype and head dim describe the call); run calls the backend's
-  forward or backward and returns its result (any pytree of arrays).
+  q: the query operand (its dtype and head dim describe the call); n_sink: sink logits per head;
+  run calls the backend's forward or backward and returns its result (any pytree of arrays).
   """
   explicit = explicit_choice(spec)
   if explicit is not None:
@@ -177,7 +181,7 @@ def dispatch(phase: str, spec: AttentionSpec, q, run: Callable, *args):
 
   def branch(platform):
     call = Call(spec, phase, np.dtype(q.dtype), q.shape[-1], platform,
-                compute_capability() if platform == "cuda" else None)
+                compute_capability() if platform == "cuda" else None, n_sink)
     try:
       backend = get(select(call, explicit))
     except ValueError as e:
