@@ -15,6 +15,11 @@ set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false
+# XLA's GEMM autotuning of the references' dots compiles many candidate kernels per new shape, and
+# 15 processes doing it at once starve the compiles the tests are about: off, 6 dense matrix cells
+# took 97 s where the default had finished 3 (H200, side by side). The kernels under test are
+# Pallas's, which XLA does not autotune.
+export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_autotune_level=0}"
 SHARDS=${SHARDS:-14}
 LIMIT_S=${LIMIT_S:-520}
 PYTEST="python3 -m pytest -p no:cacheprovider -v -rfE --tb=short --durations=10"

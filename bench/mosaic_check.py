@@ -44,6 +44,7 @@ import numerics  # noqa: E402
 from bench import timing  # noqa: E402
 from pallas_attn import _compat, tiles  # noqa: E402
 from pallas_attn.backends import mosaic_flash, triton_flash  # noqa: E402
+from pallas_attn.operands import Operands  # noqa: E402
 from pallas_attn.reference import attention_reference  # noqa: E402
 from pallas_attn.spec import AttentionSpec, band_from_window  # noqa: E402
 
@@ -160,7 +161,9 @@ def triton_fn(spec, d, itemsize):
   if key not in _TRITON:
     cfgs = tiles.resolve(_compat.next_power_of_2(max(d, 16)), spec.sq, spec.sk, None, itemsize)
     _TRITON[key] = AOT(lambda q, k, v, alibi, sink: triton_flash.forward(
-        q, k, v, alibi, sink, spec=spec, cfgs=cfgs, head_dim=d, interpret=INTERPRET))
+        q, k, v, Operands(alibi=None if alibi is None else alibi.reshape(*alibi.shape[:2], 1),
+                         sink=sink), spec=spec, cfgs=cfgs, head_dim=d,
+        interpret=INTERPRET))
   return _TRITON[key]
 
 
