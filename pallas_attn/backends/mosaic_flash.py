@@ -670,6 +670,7 @@ class _Backend:
   PALLAS_ATTN_BACKEND=mosaic)."""
 
   automatic = False
+  forward_only = True  # backend="mosaic" on a differentiated call: the backward is Triton's
 
   @staticmethod
   def covers(call) -> str | None:

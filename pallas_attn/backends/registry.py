@@ -14,6 +14,8 @@ Mosaic GPU backend is that one module, ending in `registry.register("mosaic", ..
 The choice, per call and per platform (`select`): an explicit name (spec.backend, else the
 environment variable PALLAS_ATTN_BACKEND) must cover the call, or the call raises ValueError with
 the backend's reason; without one, the first registered backend of `preference` that covers it.
+A backend that declares `forward_only = True` names the forward only: the backward of a call that
+names it is chosen as if unnamed. One that declares `automatic = False` runs only when named.
 Nothing ever falls back to dense XLA. The choice is made when a call is traced, so a jitted
 function keeps the one it was traced with (as with PALLAS_ATTN_INTERPRET).
 
@@ -125,6 +127,12 @@ def select(call: Call, explicit: str | None = None) -> str:
   """The name of the backend that runs `call`; ValueError when an explicit one is unknown or does
   not cover it, or when no backend covers it."""
   _import_backends()
+  if explicit is not None and call.phase == "backward" and getattr(
+      _BACKENDS.get(explicit), "forward_only", False):
+    # A forward-only backend (Mosaic today) named for a differentiated call: its backward is the
+    # one the dispatcher picks without a name, which reads the same (out, lse). Declared by the
+    # backend and documented, not a fallback from a failure.
+    explicit = None
   if explicit is not None:
     _check_name(explicit)
     reason = _BACKENDS[explicit].covers(call)
