@@ -94,15 +94,24 @@ class PallasAttn(Provider):
   ours = True
   needs_gpu = False
 
-  def __init__(self, tiles=None, tag: str = ""):
+  def __init__(self, tiles=None, tag: str = "", backend: str | None = None):
     super().__init__()
     self.tiles = tiles
+    self.backend = backend  # None: the registry's choice; "mosaic": its forward, Triton's backward
     self.name = OURS if not tag else f"{OURS}@{tag}"
+    if backend:
+      self.name += f"[{backend}]"
+      self.needs_gpu = True
 
   def limits(self, case):
     import pallas_attn  # pylint: disable=import-outside-toplevel
     if case.kind == "decode" and not hasattr(pallas_attn, "flash_attn_with_kvcache"):
       return "pallas_attn.flash_attn_with_kvcache not available yet"
+    if self.backend == "mosaic":
+      if case.kind == "decode":
+        return "the Mosaic backend has no decode kernel"
+      if case.d not in (64, 128, 256) or case.dtype not in ("bfloat16", "float16"):
+        return "the Mosaic forward covers bf16/fp16 at d 64, 128 and 256"
     return None
 
   def build(self, case, inputs, direction):
@@ -114,6 +123,8 @@ class PallasAttn(Provider):
         return res[0] if isinstance(res, tuple) else res
     else:
       kw = {} if self.tiles is None else {"tiles": self.tiles}
+      if self.backend:
+        kw["backend"] = self.backend
 
       def attn(q, k, v):
         return pa.flash_attn_func(q, k, v, causal=case.causal, window_size=case.window,
@@ -373,6 +384,7 @@ def registry(ours_tiles=()) -> list[Provider]:
   """Every provider, ours first (the others' ratios are taken against it)."""
   provs: list[Provider] = [PallasAttn()]
   provs += [PallasAttn(tiles=t, tag=tag) for tag, t in ours_tiles]
+  provs.append(PallasAttn(backend="mosaic"))  # forward on Mosaic GPU (Hopper), backward on Triton
   provs += [
       TorchBridge(),
       Sdpa("sdpa-flash", "FLASH_ATTENTION"),
