@@ -59,8 +59,14 @@ class BandMask:
 
   def visible(self, rows, cols, transposed: bool = False):
     """[len(rows), len(cols)] bool (or [len(cols), len(rows)] when transposed): the element test."""
-    i = (rows[None, :] if transposed else rows[:, None]) + self.off
+    i = rows[None, :] if transposed else rows[:, None]
     j = cols[:, None] if transposed else cols[None, :]
+    return self.visible_at(i, j)
+
+  def visible_at(self, i, j):
+    """The element test on broadcastable query-row indices i and key indices j (a kernel's own
+    index tiles, e.g. Mosaic GPU's register layouts)."""
+    i = i + self.off
     ok = j < self.sk
     if self.right is not None:
       ok = ok & (j <= i + self.right)

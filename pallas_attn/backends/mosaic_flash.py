@@ -139,22 +139,6 @@ def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_si
 # Kernel
 
 
-def _band_bounds(mask: BandMask, tile, rows: int, bk: int):
-  """(lo, full_lo, full_hi, hi) key tiles for the query rows [tile * rows, tile * rows + rows)."""
-  return mask.kv_tiles(tile, rows, bk)
-
-
-def _visible(mask: BandMask, i, j):
-  """BandMask.visible on [rows, cols] index tiles i (query, off added here) and j (key)."""
-  i = i + mask.off
-  ok = j < mask.sk
-  if mask.right is not None:
-    ok = ok & (j <= i + mask.right)
-  if mask.left is not None:
-    ok = ok & (j >= i - mask.left)
-  return ok
-
-
 def _kernel(*refs, spec: AttentionSpec, cfg: MosaicConfig, group: int, n_q_tiles: int,
             reverse: bool, n_sink: int, d: int, dtype):
   q_ref, k_ref, v_ref = refs[:3]
@@ -174,7 +158,7 @@ def _kernel(*refs, spec: AttentionSpec, cfg: MosaicConfig, group: int, n_q_tiles
   batch = lax.axis_index("batch")
   pid = lax.axis_index("q_tiles")
   q_tile = (n_q_tiles - 1 - pid) if reverse else pid  # the heaviest causal tiles first
-  lo_cta, _, _, hi_cta = _band_bounds(mask, q_tile, _CONSUMERS * _ROWS, bk)
+  lo_cta, _, _, hi_cta = mask.kv_tiles(q_tile, _CONSUMERS * _ROWS, bk)
   hi_cta = jnp.maximum(hi_cta, lo_cta)
 
   @pl.when(wg < _CONSUMERS)
@@ -257,7 +241,7 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
 
   # This consumer's own band, inside the CTA's range [lo_cta, hi_cta) that both consumers walk.
   lo, full_lo, full_hi, hi = (jnp.clip(x, lo_cta, hi_cta) for x in
-                              _band_bounds(mask, q_tile * _CONSUMERS + wg, _ROWS, bk))
+                              mask.kv_tiles(q_tile * _CONSUMERS + wg, _ROWS, bk))
 
   def meet():
     plgpu.barrier_arrive(sc.turn)
@@ -313,7 +297,7 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
     if spec.alibi:
       s = s - slope * jnp.abs(rows + mask.off - cols).astype(jnp.float32)
     if masked:
-      s = jnp.where(_visible(mask, rows, cols), s, -_INF)
+      s = jnp.where(mask.visible_at(rows, cols), s, -_INF)
     m_new = jnp.maximum(m_i, s.max(axis=1) * c)
     # A row that has seen nothing yet (only in masked tiles, without sinks) keeps m = -inf; shift
     # it by 0 so that exp2 never sees inf - inf.
