@@ -97,7 +97,7 @@ class PallasAttn(Provider):
   def __init__(self, tiles=None, tag: str = "", backend: str | None = None):
     super().__init__()
     self.tiles = tiles
-    self.backend = backend  # None: the registry's choice; "mosaic": its forward, Triton's backward
+    self.backend = backend  # None: the registry's choice; "mosaic": Mosaic GPU (Triton's backward at d=256)
     self.name = OURS if not tag else f"{OURS}@{tag}"
     if backend:
       self.name += f"[{backend}]"
@@ -384,7 +384,7 @@ def registry(ours_tiles=()) -> list[Provider]:
   """Every provider, ours first (the others' ratios are taken against it)."""
   provs: list[Provider] = [PallasAttn()]
   provs += [PallasAttn(tiles=t, tag=tag) for tag, t in ours_tiles]
-  provs.append(PallasAttn(backend="mosaic"))  # forward on Mosaic GPU (Hopper), backward on Triton
+  provs.append(PallasAttn(backend="mosaic"))  # Mosaic GPU (Hopper); the backward at d=256 on Triton
   provs += [
       TorchBridge(),
       Sdpa("sdpa-flash", "FLASH_ATTENTION"),

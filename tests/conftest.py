@@ -16,6 +16,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
+# Mosaic GPU interpret mode (tests/test_mosaic.py) runs each warpgroup as a thread whose barrier
+# waits block inside XLA host callbacks; with the CPU client's default thread pool (one thread per
+# core: 2 on CI) the blocked waits can hold every pool thread while the warpgroup that would
+# release them waits for one, and the test hangs (seen: the dK/dV kernel at sq=77). PJRT_NPROC
+# sizes that pool; a value set by the caller wins.
+os.environ.setdefault("PJRT_NPROC", "8")
+
 # Without a CUDA plugin every kernel runs in Pallas interpret mode, where a test's time is mostly
 # XLA's CPU compile of the interpreted kernel (a loop over the grid, run once at a small shape):
 # backend optimization level 0 halves the CPU suite's time (measured: 211 s -> 121 s on 25 sweep

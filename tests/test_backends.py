@@ -93,7 +93,9 @@ def test_triton_is_registered_and_covers_the_family():
   assert "triton" in registry.names()
   for cc in ((8, 0), (9, 0), None):
     for phase in registry.PHASES:
-      assert registry.select(_call(cc, phase)) == "triton"
+      assert registry.get("triton").covers(_call(cc, phase)) is None
+      if cc != (9, 0):  # on Hopper the Mosaic kernels come first (tests/test_mosaic.py)
+        assert registry.select(_call(cc, phase)) == "triton"
   assert registry.select(_call(platform="interpret")) == "triton"
   assert "256" in registry.get("triton").covers(_call(head_dim=320))
 

@@ -1,12 +1,14 @@
-"""The Mosaic GPU forward (pallas_attn/backends/mosaic_flash.py) against the reference.
+"""The Mosaic GPU kernels (pallas_attn/backends/mosaic_flash.py's forward, mosaic_backward.py's
+backward, registered by backends/mosaic.py) against the reference.
 
 On the CPU: covers()'s answers; every variant lowers to Mosaic GPU for CUDA (jax lowers Pallas to
 Mosaic GPU's MLIR in Python, so this needs no GPU and catches what only the GPU would otherwise
 reveal at compile time); and a few small problems run end to end in Mosaic GPU interpret mode
 (producer and consumer warpgroups as threads, barriers, TMA copies and wgmma simulated; the
 module extends the interpreter where it lacks what the kernel uses), each checked under the
-tolerance rule (numerics.py) for out and lse. With a GPU: the parity sweep over dtypes, head dims,
-kv head layouts, variants and awkward lengths.
+tolerance rule (numerics.py) for out and lse, and where the backward covers the head dim for dq,
+dk, dv and dsink. With a GPU: the parity sweep over dtypes, head dims, kv head layouts, variants
+and awkward lengths, gradients included.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import jax.numpy as jnp
 import pytest
 
 import numerics
-from pallas_attn.backends import mosaic_flash, mosaic_interpret
+from pallas_attn.backends import mosaic_backward, mosaic_flash, mosaic_interpret
+from pallas_attn.operands import Operands
 from pallas_attn.masking import StridedCausalMask
 from pallas_attn.reference import attention_reference
 from pallas_attn.spec import AttentionSpec, band_from_window
@@ -48,22 +51,30 @@ def test_covers_accepts_the_dense_family():
 
 
 @needs_mosaic
-def test_registered_but_run_only_when_chosen_by_name():
-  """Until its GPU parity suite passes on Hopper, the dispatcher picks Mosaic only by name; it
-  never answers for interpret mode, the backward or another architecture."""
-  from pallas_attn.backends import registry
-  call = functools.partial(registry.Call, _spec(77, 300, causal=True), "forward",
-                           jnp.dtype("bfloat16"), 64)
+def test_registered_choices():
+  """On Hopper the dispatcher picks Mosaic for what it covers (both passes at d 64 and 128; the
+  forward at 256, whose backward then comes from Triton, named or not); never for interpret mode
+  or another architecture."""
+  from pallas_attn.backends import mosaic, registry
+
+  def call(phase="forward", platform="cuda", cc=(9, 0), d=64, **kw):
+    return registry.Call(_spec(77, 300, causal=True), phase, jnp.dtype("bfloat16"), d, platform,
+                         cc if platform == "cuda" else None, **kw)
+
   assert "mosaic" in registry.names()
-  assert registry.select(call("cuda", (9, 0))) == "triton"
-  assert registry.select(call("cuda", (9, 0)), "mosaic") == "mosaic"
-  with pytest.raises(ValueError, match="compute capability 9.x"):
-    registry.select(call("cuda", (8, 0)), "mosaic")
-  with pytest.raises(ValueError, match="CUDA only"):
-    registry.select(call("interpret"), "mosaic")
-  backward = registry.Call(_spec(77, 300), "backward", jnp.dtype("bfloat16"), 64, "cuda", (9, 0))
-  # Forward-only: naming it for a differentiated call leaves the backward to the default choice.
-  assert registry.select(backward, "mosaic") == "triton"
+  auto = "mosaic" if mosaic.MosaicBackend.automatic else "triton"
+  for phase in ("forward", "backward"):
+    assert registry.select(call(phase)) == auto
+    assert registry.select(call(phase), "mosaic") == "mosaic"
+    with pytest.raises(ValueError, match="compute capability 9.x"):
+      registry.select(call(phase, cc=(8, 0)), "mosaic")
+    with pytest.raises(ValueError, match="CUDA only"):
+      registry.select(call(phase, "interpret"), "mosaic")
+  assert registry.select(call(d=256), "mosaic") == "mosaic"
+  # Forward-only at d=256: naming it for a differentiated call leaves the backward to the default.
+  assert registry.select(call("backward", d=256), "mosaic") == "triton"
+  assert registry.select(call("backward", d=256)) == "triton"
+  assert "backward head dim" in mosaic.MosaicBackend.covers(call("backward", d=256))
   sinks = registry.Call(_spec(64, 64, sink=True), "forward", jnp.dtype("float16"), 128, "cuda",
                         (9, 0), n_sink=64)
   with pytest.raises(ValueError, match="sink logits"):
@@ -115,8 +126,24 @@ def _reference(q, k, v, slopes, sink, *, causal, window, softcap, upcast):
                              sink=None if sink is None else sink.T)
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _ours_grads(q, k, v, slopes, sink, out, lse, dout, dlse, *, spec, interpret):
+  ops = Operands(alibi=None if slopes is None else slopes[..., None], sink=sink)
+  return mosaic_backward.backward(q, k, v, out, lse, dout, dlse, ops, spec=spec, cfgs=None,
+                                  head_dim=q.shape[-1], interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "softcap", "upcast"))
+def _reference_grads(q, k, v, slopes, sink, dout, dlse, *, causal, window, softcap, upcast):
+  f = lambda q, k, v, sink: _reference(q, k, v, slopes, sink, causal=causal, window=window,  # noqa: E731
+                                       softcap=softcap, upcast=upcast)
+  return jax.vjp(f, q, k, v, sink)[1]((dout, dlse))
+
+
 def _check(b, sq, sk, h, hk, d, dtype, *, interpret, causal=False, window=(-1, -1), softcap=0.0,
-           alibi=False, n_sink=0, seed=0):
+           alibi=False, n_sink=0, seed=0, grads=None):
+  """Forward against the reference; with grads (default: where the backward covers d) the
+  backward too, from our (out, lse) and random cotangents of both."""
   q, k, v, slopes, sink = _inputs(b, sq, sk, h, hk, d, dtype, alibi=alibi, n_sink=n_sink, seed=seed)
   spec = _spec(sq, sk, causal=causal, window=window, softcap=softcap, alibi=alibi, sink=n_sink > 0,
                d=d)
@@ -127,6 +154,16 @@ def _check(b, sq, sk, h, hk, d, dtype, *, interpret, causal=False, window=(-1, -
   assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (b, h, sq)
   numerics.assert_output("out", out, lowp[0], ref[0])
   numerics.assert_lse(lse, lowp[1], ref[1])
+  if not (d in mosaic_backward.HEAD_DIMS if grads is None else grads):
+    return
+  _, _, _, _, dout, dlse = numerics.random_inputs(seed + 2, b, sq, sk, h, hk, d, dtype)
+  ours = _ours_grads(q, k, v, slopes, sink, out, lse, dout, dlse, spec=spec, interpret=interpret)
+  ref = _reference_grads(q, k, v, slopes, sink, dout, dlse, upcast=True, **opts)
+  lowp = _reference_grads(q, k, v, slopes, sink, dout, dlse, upcast=False, **opts)
+  names = ("dq", "dk", "dv", "dsink")[:4 if n_sink else 3]
+  for name, x, lo, r in zip(names, (ours.dq, ours.dk, ours.dv, ours.dsink), lowp, ref):
+    assert x.shape == r.shape, (name, x.shape, r.shape)
+    numerics.assert_grad(name, x, lo, r)
 
 
 def _needs_interpreter():
@@ -136,14 +173,18 @@ def _needs_interpreter():
     pytest.skip(str(e))
 
 
-# Each case runs the kernel in the interpreter (6 to 15 s each on 2 CPU cores).
+# Each case runs the kernels in the interpreter (forward and backward: 10 to 20 s each on 2 CPU
+# cores).
 INTERPRET_CASES = [
     # GQA, causal with sq > sk (rows 0..36 see no key: out 0, lse +inf), ragged query and key
-    # tiles, rows padded to a multiple of 8.
+    # tiles, rows padded to a multiple of 8; in dK/dV a consumer whose keys all lie past sk.
     dict(b=1, sq=77, sk=40, h=2, hk=1, d=64, dtype="bfloat16", causal=True),
     # Window with both bounds (leading and trailing skip steps), softcap, ALiBi, two query tiles.
-    dict(b=1, sq=130, sk=200, h=1, hk=1, d=128, dtype="float16", window=(40, 20), softcap=20.0,
+    # A cap of 2 bends the scores, so that a wrong softcap derivative fails the gradients.
+    dict(b=1, sq=130, sk=200, h=1, hk=1, d=128, dtype="float16", window=(40, 20), softcap=2.0,
          alibi=True),
+    # The backward with GQA sinks (dsink) and three key tiles per query tile.
+    dict(b=1, sq=65, sk=150, h=2, hk=1, d=64, dtype="bfloat16", causal=True, n_sink=2),
     # d=256 (64-row key tiles), causal, sinks; four key tiles through a ring of two slots.
     dict(b=1, sq=65, sk=200, h=1, hk=1, d=256, dtype="bfloat16", causal=True, n_sink=2),
 ]
@@ -179,6 +220,14 @@ def _lower(d, dtype, h, hk, sq, sk, opts):
       interpret=False)
   text = jax.jit(fn).trace(q, k, v, slopes, sink).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "pallas_attn_mosaic_fwd" in text
+  if d not in mosaic_backward.HEAD_DIMS:
+    return
+  ops = Operands(alibi=None if slopes is None else slopes[..., None], sink=sink)
+  lse = jnp.zeros((q.shape[0], h, sq), jnp.float32)
+  bwd = lambda q, k, v, o, lse, ops: mosaic_backward.backward(  # noqa: E731
+      q, k, v, o, lse, o, lse, ops, spec=spec, cfgs=None, head_dim=d, interpret=False).astuple()
+  text = jax.jit(bwd).trace(q, k, v, q, lse, ops).lower(lowering_platforms=("cuda",)).as_text()
+  assert "pallas_attn_mosaic_bwd_dq" in text and "pallas_attn_mosaic_bwd_dkv" in text
 
 
 SHAPES = [(64, "bfloat16", 4, 1, 1000, 1000), (128, "float16", 4, 2, 77, 300),
@@ -237,6 +286,7 @@ GPU_VARIANTS = {
     "window": dict(window=(48, 16)),
     "window_left": dict(window=(100, -1)),
     "softcap": dict(softcap=20.0, causal=True),
+    "softcap_small": dict(softcap=1.5),  # bends unit-normal scores: tests tanh's derivative
     "alibi": dict(alibi=True, causal=True),
     "sink": dict(n_sink=2, causal=True),
     "all": dict(window=(64, 0), softcap=15.0, alibi=True, n_sink=1),
@@ -269,16 +319,18 @@ def test_gpu_long_sequences(sq, sk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_public_face_runs_mosaic_forward_and_triton_backward(causal):
-  """flash_attn_func(backend="mosaic") on Hopper: the forward on Mosaic, gradients through the
-  Triton backward from Mosaic's (out, lse), both against the Triton route on the same inputs."""
+@pytest.mark.parametrize("d", [128, 256])
+def test_gpu_public_face_runs_mosaic(causal, d):
+  """flash_attn_func(backend="mosaic") on Hopper under jax.vjp: both passes on Mosaic at d=128; at
+  d=256 the forward on Mosaic and the Triton backward from its (out, lse); against the Triton
+  route on the same inputs."""
   import pallas_attn
   from pallas_attn.backends import registry
   if (registry.compute_capability() or (0,))[0] != 9:
     pytest.skip("Mosaic GPU kernels need compute capability 9.x")
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
-  q = jax.random.normal(keys[0], (2, 300, 4, 128), jnp.bfloat16)
-  k, v = (jax.random.normal(x, (2, 257, 2, 128), jnp.bfloat16) for x in keys[1:3])
+  q = jax.random.normal(keys[0], (2, 300, 4, d), jnp.bfloat16)
+  k, v = (jax.random.normal(x, (2, 257, 2, d), jnp.bfloat16) for x in keys[1:3])
   dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
 
   def run(backend):

@@ -30,6 +30,13 @@ class Scores:
 
   def logits(self, raw, rows, cols, transposed: bool = False):
     """(s, th): log2-domain logits of raw scores and, with softcap, the tanh that raw_grad needs."""
+    i = rows[None, :] if transposed else rows[:, None]
+    j = cols[:, None] if transposed else cols[None, :]
+    return self.logits_at(raw, i, j)
+
+  def logits_at(self, raw, i, j):
+    """logits() on broadcastable query-row indices i and key indices j (a kernel's own index
+    tiles, e.g. Mosaic GPU's register layouts); they are read only with ALiBi."""
     if self.softcap > 0:
       th = jnp.tanh(raw * (self.scale / self.softcap))
       s = th * (self.softcap * LOG2E)
@@ -37,9 +44,7 @@ class Scores:
       th = None
       s = raw * (self.scale * LOG2E)
     if self.slope is not None:
-      i = (rows[None, :] if transposed else rows[:, None]) + self.mask.off
-      j = cols[:, None] if transposed else cols[None, :]
-      dist = jnp.abs(i - j).astype(jnp.float32)
+      dist = jnp.abs(i + self.mask.off - j).astype(jnp.float32)
       s = s - (self.slope * LOG2E) * dist
     return s, th
 

@@ -8,14 +8,14 @@ A backend is registered under a name (`register`) as an object (a module will do
            into=None) -> Grads
 
 (backends/triton_flash.py documents the arguments). The modules listed in _MODULES are imported
-on the first choice and register themselves (backends/mosaic_flash.py is listed already, so the
-Mosaic GPU backend is that one module, ending in `registry.register("mosaic", ...)`).
+on the first choice and register themselves (backends/mosaic.py registers the Mosaic GPU kernels of
+mosaic_flash.py and mosaic_backward.py with `registry.register("mosaic", ...)`).
 
 The choice, per call and per platform (`select`): an explicit name (spec.backend, else the
 environment variable PALLAS_ATTN_BACKEND) must cover the call, or the call raises ValueError with
 the backend's reason; without one, the first registered backend of `preference` that covers it.
-A backend that declares `forward_only = True` names the forward only: the backward of a call that
-names it is chosen as if unnamed. One that declares `automatic = False` runs only when named.
+A backend that declares `forward_only` (True, or a function of the backward's Call) names the
+forward only, for those calls: their backward is chosen as if unnamed. One that declares `automatic = False` runs only when named.
 Nothing ever falls back to dense XLA. The choice is made when a call is traced, so a jitted
 function keeps the one it was traced with (as with PALLAS_ATTN_INTERPRET).
 
@@ -49,7 +49,7 @@ PLATFORMS = ("cuda", "interpret")
 PHASES = ("forward", "backward")
 
 # Imported (if present) before the first choice; each registers its backend.
-_MODULES = ("pallas_attn.backends.triton_flash", "pallas_attn.backends.mosaic_flash")
+_MODULES = ("pallas_attn.backends.triton_flash", "pallas_attn.backends.mosaic")
 
 _BACKENDS: dict[str, Any] = {}
 
@@ -127,11 +127,11 @@ def select(call: Call, explicit: str | None = None) -> str:
   """The name of the backend that runs `call`; ValueError when an explicit one is unknown or does
   not cover it, or when no backend covers it."""
   _import_backends()
-  if explicit is not None and call.phase == "backward" and getattr(
-      _BACKENDS.get(explicit), "forward_only", False):
-    # A forward-only backend (Mosaic today) named for a differentiated call: its backward is the
-    # one the dispatcher picks without a name, which reads the same (out, lse). Declared by the
-    # backend and documented, not a fallback from a failure.
+  if explicit is not None and call.phase == "backward" and _forward_only(_BACKENDS.get(explicit),
+                                                                        call):
+    # A backend named for a differentiated call whose backward it declares it does not run (Mosaic
+    # at head dim 256): the backward is the one the dispatcher picks without a name, which reads
+    # the same (out, lse). Declared by the backend and documented, not a fallback from a failure.
     explicit = None
   if explicit is not None:
     _check_name(explicit)
@@ -152,6 +152,11 @@ def select(call: Call, explicit: str | None = None) -> str:
       return name
     reasons.append(f"{name}: {reason}")
   raise ValueError(f"no backend covers the {call}: {'; '.join(reasons) or 'none registered'}")
+
+
+def _forward_only(backend, call: Call) -> bool:
+  flag = getattr(backend, "forward_only", False)
+  return bool(flag(call) if callable(flag) else flag)
 
 
 def _check_name(name: str) -> None:
