@@ -486,22 +486,10 @@ def backward(q, k, v, out, lse, dout, dlse, ops, *, spec: AttentionSpec, cfgs, h
   arrays); dq_config / dkv_config override the tile tables here."""
   del cfgs, into
   sink = ops.sink
-  n_sink = 0 if sink is None else sink.shape[-1]
-  reason = covers(spec, q.dtype, head_dim, has_alibi=ops.alibi is not None,
-                  has_sink=sink is not None, n_sink=n_sink)
-  if reason is None and (ops.seqlens is not None or ops.seed is not None or ops.bias is not None
-                         or ops.keep is not None):
-    reason = "varlen, dropout or dynamic-mask operands given"
-  if reason is not None:
-    raise NotImplementedError(f"mosaic_backward.backward: {reason}")
+  mf.check_call("mosaic_backward.backward", covers, q, k, spec, head_dim, alibi=ops.alibi,
+                sink=sink, others=(ops.seqlens, ops.seed, ops.bias, ops.keep))
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
-  if d != head_dim:
-    raise ValueError(f"head_dim: the Mosaic kernels take unpadded heads, got {head_dim} for {d}")
-  if h % hk:
-    raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
-  if (sq, sk) != (spec.sq, spec.sk):
-    raise ValueError(f"spec is for (sq, sk) = {(spec.sq, spec.sk)}, arrays give {(sq, sk)}")
   if dlse is None:
     dlse = jnp.zeros(lse.shape, jnp.float32)
   if sq == 0 or sk == 0 or b == 0:

@@ -405,22 +405,11 @@ def forward(q, k, v, alibi, sink=None, seqlens=None, seed=None, bias=None, keep=
   arrays (XLA may reuse donated buffers for them, but nothing forces it).
   """
   del cfgs, into
-  n_sink = 0 if sink is None else sink.shape[-1]
-  reason = covers(spec, q.dtype, head_dim, has_alibi=alibi is not None,
-                  has_sink=sink is not None, n_sink=n_sink)
-  if reason is None and (seqlens is not None or seed is not None or bias is not None
-                         or keep is not None):
-    reason = "varlen, dropout or dynamic-mask operands given"
-  if reason is not None:
-    raise NotImplementedError(f"mosaic_flash.forward: {reason}")
+  check_call("mosaic_flash.forward", covers, q, k, spec, head_dim, alibi=alibi, sink=sink,
+             others=(seqlens, seed, bias, keep))
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
-  if d != head_dim:
-    raise ValueError(f"head_dim: the Mosaic kernel takes unpadded heads, got {head_dim} for {d}")
-  if h % hk:
-    raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
-  if (sq, sk) != (spec.sq, spec.sk):
-    raise ValueError(f"spec is for (sq, sk) = {(spec.sq, spec.sk)}, arrays give {(sq, sk)}")
+  n_sink = 0 if sink is None else sink.shape[-1]
   if sq == 0 or sk == 0 or b == 0:
     return _no_keys(q, sink, spec, b, h, sq)
   cfg = config or CONFIGS[d]
@@ -466,6 +455,28 @@ def _pad_rows(x):
   if n < _ROW_MULTIPLE or n % _ROW_MULTIPLE == 0:
     return x
   return jnp.pad(x, [(0, 0), (0, -n % _ROW_MULTIPLE), (0, 0), (0, 0)])
+
+
+def check_call(what: str, covers_fn, q, k, spec: AttentionSpec, head_dim: int, *, alibi, sink,
+               others) -> None:
+  """The checks both Mosaic entry points (forward, mosaic_backward.backward) make: covers_fn's
+  answer (NotImplementedError), no varlen/dropout/dynamic-mask operand (`others`), unpadded heads,
+  whole GQA groups, and arrays of the spec's lengths (ValueError)."""
+  n_sink = 0 if sink is None else sink.shape[-1]
+  reason = covers_fn(spec, q.dtype, head_dim, has_alibi=alibi is not None,
+                     has_sink=sink is not None, n_sink=n_sink)
+  if reason is None and any(x is not None for x in others):
+    reason = "varlen, dropout or dynamic-mask operands given"
+  if reason is not None:
+    raise NotImplementedError(f"{what}: {reason}")
+  _, sq, h, d = q.shape
+  sk, hk = k.shape[1], k.shape[2]
+  if d != head_dim:
+    raise ValueError(f"head_dim: the Mosaic kernels take unpadded heads, got {head_dim} for {d}")
+  if h % hk:
+    raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk})")
+  if (sq, sk) != (spec.sq, spec.sk):
+    raise ValueError(f"spec is for (sq, sk) = {(spec.sq, spec.sk)}, arrays give {(sq, sk)}")
 
 
 def _no_keys(q, sink, spec, b, h, sq):
