@@ -155,6 +155,9 @@ def correctness(dog):
   return failed
 
 
+EXTRA_IMPLS = False
+
+
 def timings(dog, deadline):
   log("\n== Timing (bf16, TFLOP/s: forward | forward+backward | backward alone)")
   cfg = timing.TimingConfig(warmup=2, min_reps=5, max_reps=20, budget_s=0.3, min_batch_s=20e-3)
@@ -171,6 +174,14 @@ def timings(dog, deadline):
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                               implementation="cudnn"),
     }
+    if EXTRA_IMPLS:
+      try:
+        from bench.providers import import_tokamax  # pylint: disable=import-outside-toplevel
+        tokamax = import_tokamax()
+        impls["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic")
+      except ImportError as e:
+        log(f"  tokamax does not import: {e}")
     row = {}
     for name, f in impls.items():
       fwd = jax.jit(f)
@@ -193,6 +204,11 @@ def timings(dog, deadline):
         log(f"  {what}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
       dog.stop()
     rows.append(((b, h, s, d, causal), fwd_flops, row))
+  for key, flops, row in rows:
+    if "cudnn" in row:
+      log(f"  {key}: " + ", ".join(
+          f"{n} {row['cudnn'][0] / t[0]:.2f}/{row['cudnn'][1] / t[1]:.2f}" for n, t in row.items())
+          + " (x cuDNN, fwd/f+b)")
   log("\n  (b, H, s, d) causal | TF/s fwd: mosaic triton cudnn | f+b: mosaic triton cudnn | "
       "mosaic/cudnn fwd f+b | mosaic/triton f+b")
   for (b, h, s, d, causal), flops, row in rows:
@@ -204,17 +220,22 @@ def timings(dog, deadline):
         f"{r('mosaic', 'cudnn', 0)} {r('mosaic', 'cudnn', 1)} | {r('mosaic', 'triton', 1)}")
 
 
-TUNE = {  # (dq (block, stages), dK/dV (block, stages)) alternatives per head dim, with --tune
-    64: [((64, 2), None), ((128, 2), None), (None, (64, 2)), (None, (64, 4)), (None, (128, 2))],
-    128: [((64, 3), None), ((128, 2), None), (None, (64, 3)), (None, (64, 4))],
+TUNE = {  # (dq (block, stages, ...), dK/dV (block, stages, split, regs)) alternatives, with --tune
+    # ncu at (4, 16, 4096, 128): the dK/dV pass spills registers (2.7M local spill requests, 136%
+    # overhead) where dQ and the forward do not: a split schedule and 240-register consumers.
+    64: [(None, (128, 2, True)), (None, (64, 2, True)), (None, (128, 2, True, 240)),
+         (None, (64, 2, False, 240))],
+    128: [(None, (64, 2, True)), (None, (64, 2, True, 240)), (None, (64, 2, False, 240)),
+          ((64, 2, False, 240), None)],
 }
+TUNE_ROWS = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (4, 32, 4096, 64, False)]
 
 
 def tune(dog, deadline):
   """The backward alone (mosaic_backward.backward on the forward's out and lse) per tile config."""
   log("\n== Tuning (bf16 backward alone, TFLOP/s = 2.5 x forward FLOPs / time)")
   cfg = timing.TimingConfig(warmup=2, min_reps=5, max_reps=20, budget_s=0.3, min_batch_s=20e-3)
-  for b, h, s, d, causal in TIMED:
+  for b, h, s, d, causal in TUNE_ROWS:
     q, k, v, dout, dlse, _, _ = _inputs(b, s, s, h, h, d, "bfloat16", {})
     spec = AttentionSpec(mask=band_from_window(s, s, causal, (-1, -1)), scale=1 / math.sqrt(d))
     out, lse = jax.jit(lambda q, k, v: mosaic_flash.forward(q, k, v, None, None, spec=spec, cfgs=None,
@@ -228,7 +249,8 @@ def tune(dog, deadline):
         break
       cq = mosaic_backward.BwdConfig(*dq_c) if dq_c else base[0]
       ckv = mosaic_backward.BwdConfig(*dkv_c) if dkv_c else base[1]
-      name = f"dq{cq.block}x{cq.stages}/dkv{ckv.block}x{ckv.stages}"
+      name = (f"dq{cq.block}x{cq.stages}r{cq.regs}/dkv{ckv.block}x{ckv.stages}r{ckv.regs}"
+              f"{'split' if ckv.split else ''}")
       fn = jax.jit(lambda q, k, v, o, l, do, dl, cq=cq, ckv=ckv: mosaic_backward.backward(
           q, k, v, o, l, do, dl, Operands(), spec=spec, cfgs=None, head_dim=d, interpret=False,
           dq_config=cq, dkv_config=ckv).astuple()[:3])
@@ -250,12 +272,15 @@ def main(argv=None):
   parser.add_argument("--time-limit", type=float, default=400.0)
   parser.add_argument("--call-limit", type=float, default=120.0)
   parser.add_argument("--tune", action="store_true", help="only the tile-config sweep")
+  parser.add_argument("--extra", action="store_true",
+                      help="time also tokamax's Mosaic GPU attention")
   parser.add_argument("--interpret", type=int, default=0, metavar="N",
                       help="CPU dry run: the first N cases in interpret mode, no timing")
   args = parser.parse_args(argv)
   start = time.time()
   log(f"jax {jax.__version__}, devices {[getattr(d, 'device_kind', d.platform) for d in jax.devices()]}")
-  global INTERPRET, CASES  # pylint: disable=global-statement
+  global INTERPRET, CASES, EXTRA_IMPLS  # pylint: disable=global-statement
+  EXTRA_IMPLS = args.extra
   if args.interpret:
     INTERPRET, CASES = True, CASES[:args.interpret]
   elif not any(d.platform == "gpu" for d in jax.devices()):

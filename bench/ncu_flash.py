@@ -1,6 +1,7 @@
 """One flash forward and one backward at (4, 16, 4096, 128) bf16, for Nsight Compute:
 
   ncu --kernel-name regex:pallas_attn --section SpeedOfLight ... python3 -m bench.ncu_flash [--causal]
+      [--backend mosaic]
 
 Compiles and runs each once before the profiled calls, so the profile holds steady-state launches
 (the first of each kernel is skipped with --launch-skip if needed).
@@ -25,6 +26,7 @@ def main():
   ap.add_argument("--even", action="store_true",
                   help="flash_attn_varlen_func over --shape's b sequences of s, packed (compare with "
                        "the same --shape dense)")
+  ap.add_argument("--backend", default=None, help="flash_attn_func's backend= (e.g. mosaic)")
   args = ap.parse_args()
   b, s, h, d = (int(x) for x in args.shape.split(","))
   if args.even:
@@ -37,7 +39,7 @@ def main():
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
   attend = (mixed_varlen(args.causal) if args.varlen else even if args.even else
-            lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal))
+            lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal, backend=args.backend))
 
   def fwd_bwd(q, k, v, do):
     out, vjp = jax.vjp(attend, q, k, v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from typing import Any, Callable
 
 import jax
@@ -204,6 +205,37 @@ class JaxCudnn(Provider):
     return _jax_runner(attn, inputs, direction)
 
 
+def import_tokamax():
+  """tokamax, made callable beside this process's argparse flags and this jax.
+
+  - tokamax reads absl flags, which would otherwise parse sys.argv (our own argparse flags) and
+    raise UnrecognizedFlagError at its first call.
+  - tokamax 0.0.12 (the newest on PyPI) calls plgpu.kernel(out_shape=..., scratch_shapes=...),
+    which jax 0.11 renamed out_type and scratch_types: the keywords are translated for its calls
+    (ours already use the new names).
+  """
+  import tokamax  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)
+  try:
+    import inspect  # pylint: disable=import-outside-toplevel
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return tokamax
+  kernel = plgpu.kernel
+  if "out_shape" not in inspect.signature(kernel).parameters and not hasattr(kernel, "_renamed"):
+    def renamed(*args, out_shape=None, scratch_shapes=None, **kw):
+      if out_shape is not None:
+        kw["out_type"] = out_shape
+      if scratch_shapes is not None:
+        kw["scratch_types"] = scratch_shapes
+      return kernel(*args, **kw)
+    renamed._renamed = True
+    plgpu.kernel = renamed
+  return tokamax
+
+
 class Tokamax(Provider):
   framework = "jax"
   features = frozenset({"causal", "window", "softcap", "gqa"})
@@ -217,7 +249,7 @@ class Tokamax(Provider):
     importlib.import_module("tokamax")
 
   def build(self, case, inputs, direction):
-    import tokamax  # pylint: disable=import-outside-toplevel
+    tokamax = import_tokamax()
     kw = {}
     if "window" in case.features():
       left, right = case.window_eff

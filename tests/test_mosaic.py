@@ -259,6 +259,21 @@ def test_forward_refuses_what_it_does_not_cover():
 
 
 @needs_mosaic
+@pytest.mark.parametrize("cfg,word", [
+    (dict(block=64, stages=2, regs=236), "multiple of 8"),
+    (dict(block=64, stages=2, regs=248), "producer"),  # would leave it 8 registers
+    (dict(block=40, stages=2), "multiple of 16"),
+])
+def test_backward_refuses_bad_configs(cfg, word):
+  q = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+  lse = jnp.zeros((1, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match=word):
+    mosaic_backward.backward(q, q, q, q, lse, q, lse, Operands(), spec=_spec(64, 64, d=128),
+                             cfgs=None, head_dim=128, interpret=True,
+                             dkv_config=mosaic_backward.BwdConfig(**cfg))
+
+
+@needs_mosaic
 def test_no_keys_gives_empty_rows():
   with jax.default_device(jax.devices("cpu")[0]):
     _no_keys()

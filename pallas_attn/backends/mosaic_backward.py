@@ -14,9 +14,11 @@ Deterministic: no atomics; every gradient element is summed by one CTA in a fixe
 - dK/dV: one CTA per (batch, kv head, 128-key tile); consumers own 64 keys each. The producer
   streams, for each of the G query heads of the group and each query tile the band reaches, the
   Q and dO tiles and their `stats` rows. Per step the consumers compute S^T = K Q^T and
-  dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q (again two wgmmas, one wait). A GQA group's
-  gradients are summed in registers.
-- dsink (XLA, O(b H sq n_sink)): -sum over rows of exp(z - lse) * delta.
+  dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q (two wgmmas, one wait, each); or, with
+  BwdConfig.split (the d=128 default), S^T alone, then dV += P^T dO beside dP^T, then dK: one
+  more wait, but fewer fp32 tiles live at once. A GQA group's gradients are summed in registers.
+- dsink (XLA, O(b H sq n_sink)): -sum over rows of exp(z - lse) * delta, with delta as the dQ
+  pass sums it from its fp32 P and dP (rowsum(P dP), an extra output with sinks) minus dlse.
 
 Both passes walk the CTA's whole band in each consumer (a tile outside a consumer's own band is a
 skip step that only waits and arrives, so barrier phases stay in step), skip the element test on
@@ -52,9 +54,21 @@ HEAD_DIMS = (64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class BwdConfig:
-  """The streamed axis's tile rows (keys in dQ, queries in dK/dV) and the ring's depth."""
+  """The streamed axis's tile rows (keys in dQ, queries in dK/dV) and the ring's depth.
+
+  split (dK/dV only): S^T alone first, then dV += P^T dO beside dP^T = V dO^T, then dK: three
+  waits instead of two, but S^T and dP^T are never live together beside dK and dV. regs: each
+  consumer thread's register budget; the producer gets what is left of the CTA's 3 x 168."""
   block: int
   stages: int
+  split: bool = False
+  regs: int = 232
+
+  @property
+  def producer_regs(self) -> int:
+    # 384 threads launch with 168 registers each (65536 / 384, in steps of 8); setmaxnreg moves
+    # them between warpgroups, so the producer keeps the rest (FA3 runs 240 / 240 / 24).
+    return 3 * 168 - 2 * self.regs
 
   def smem_bytes(self, d: int, itemsize: int) -> int:
     own = 2 * _CTA_ROWS * d * itemsize  # q and dO (dQ), or k and v (dK/dV)
@@ -66,9 +80,13 @@ class BwdConfig:
 # Measured on the H200 (bf16 backward alone, bench/mosaic_backward_check.py --tune): at d=128 the
 # tables within 2% of each other (64 or 128 streamed rows, 2 to 4 stages); at d=64, 128 streamed
 # rows gain 7% in either pass. At d=128 a 128-row streamed tile in dK/dV would need S^T and dP^T
-# (64 x 128 fp32 each) beside dK and dV in registers: more than 255.
+# (64 x 128 fp32 each) beside dK and dV in registers: more than 255. Streamed tiles must be
+# multiples of 64 rows (wgmma's K group under the 128-byte swizzle: P^T dO contracts over them).
+# ncu at (4, 16, 4096, 128) found the two-wait dK/dV pass spilling (2.7M local-memory requests);
+# split lifts the whole backward from 407 to 422 TF/s there (348 -> 360 causal), and loses at d=64
+# (368 -> 352); 240-register consumers gave 413-416.
 DQ_CONFIGS = {64: BwdConfig(128, 2), 128: BwdConfig(64, 2)}
-DKV_CONFIGS = {64: BwdConfig(128, 2), 128: BwdConfig(64, 2)}
+DKV_CONFIGS = {64: BwdConfig(128, 2), 128: BwdConfig(64, 2, split=True)}
 
 
 def covers(spec: AttentionSpec, dtype, head_dim: int, *, has_alibi: bool, has_sink: bool,
@@ -215,8 +233,11 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
   q_ref, k_ref, v_ref, do_ref, stats_ref = refs[:5]
   alibi_ref = refs[5] if spec.alibi else None
   pos = 6 if spec.alibi else 5
-  dq_ref = refs[pos]
-  sc = _DqScratch(*refs[pos + 1:])
+  dq_ref, pos = refs[pos], pos + 1
+  pdp_ref = None
+  if spec.sink:
+    pdp_ref, pos = refs[pos], pos + 1
+  sc = _DqScratch(*refs[pos:])
   mask = spec.mask
   bk, stages = cfg.block, cfg.stages
   wg = lax.axis_index("wg")
@@ -229,7 +250,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(cfg.regs, action="increase")
     q0 = (q_tile * _CONSUMERS + wg) * _ROWS
     rows = (batch, pl.ds(q0, _ROWS), head)
     q_smem, do_smem = sc.q.at[wg], sc.do.at[wg]
@@ -260,7 +281,8 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
       plgpu.barrier_wait(sc.v_loaded.at[slot])
       plgpu.barrier_arrive(sc.free.at[slot])
 
-    def step(i, acc, *, masked: bool):
+    def step(i, carry, *, masked: bool):
+      acc, pdp = carry
       slot = slot_of(i)
       k_slot, v_slot = sc.k.at[slot], sc.v.at[slot]
       plgpu.barrier_wait(sc.k_loaded.at[slot])
@@ -277,25 +299,32 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
         t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [0]))
       ds = _logit_grad(scores, p, dp, lax.broadcast_in_dim(delta, shape, [0]), th)
+      if spec.sink:
+        pdp = pdp + (p * dp).sum(axis=1)
       ds = ds.astype(dtype)
       (acc,) = _accumulate((acc,), lambda acc_ref: plgpu.wgmma(acc_ref, ds, k_slot))
       plgpu.barrier_arrive(sc.free.at[slot])
-      return acc
+      return acc, pdp
 
     acc = plgpu.layout_cast(jnp.zeros((_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
-    acc = _band_loops((lo_cta, *own, hi_cta), skip, step, acc, mask,
-                      tail_masked=not (mask.is_dense and mask.sk % bk == 0))
+    pdp = mf._splat(0.0, (_ROWS,), row_layout)
+    acc, pdp = _band_loops((lo_cta, *own, hi_cta), skip, step, (acc, pdp), mask,
+                           tail_masked=not (mask.is_dense and mask.sk % bk == 0))
 
     @pl.when(active)
     def _():
       q_smem[...] = (acc * spec.scale).astype(dtype)  # this consumer's products have completed
+      if spec.sink:
+        sc.stats.at[wg, 1][...] = pdp  # delta was read into registers before the loop
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      if spec.sink:
+        plgpu.copy_smem_to_gmem(sc.stats.at[wg, 1], pdp_ref.at[batch, head, pl.ds(q0, _ROWS)])
       plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(cfg.producer_regs, action="decrease")
     kv_head = lax.div(head, jnp.int32(group))
 
     def sources(n):
@@ -358,7 +387,7 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(cfg.regs, action="increase")
     k0 = (k_tile * _CONSUMERS + wg) * _ROWS
     rows = (batch, pl.ds(k0, _ROWS), kv_head)
     k_smem, v_smem = sc.k.at[wg], sc.v.at[wg]
@@ -404,22 +433,47 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
           plgpu.wgmma(st_ref, k_smem, plgpu.transpose_ref(q_slot, (1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, plgpu.transpose_ref(do_slot, (1, 0)))
 
-        st, dpt = _two_products(shape, shape, issue)
-        lse2 = _load(sc.stats.at[slot, 0], col_layout)
-        delta = _load(sc.stats.at[slot, 1], col_layout)
-        kj, qi = k0 + _iota(shape, 0), i * bq + _iota(shape, 1)
-        t, th = scores.logits_at(st, qi, kj)
-        if masked:
-          t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
-        pt = jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [1]))
-        dst = _logit_grad(scores, pt, dpt, lax.broadcast_in_dim(delta, shape, [1]), th)
-        pt, dst = pt.astype(dtype), dst.astype(dtype)
+        def probs(st):
+          lse2 = _load(sc.stats.at[slot, 0], col_layout)
+          kj, qi = k0 + _iota(shape, 0), i * bq + _iota(shape, 1)
+          t, th = scores.logits_at(st, qi, kj)
+          if masked:
+            t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
+          return jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [1])), th
 
-        def grads(dk_ref, dv_ref):
-          plgpu.wgmma(dv_ref, pt, do_slot)
-          plgpu.wgmma(dk_ref, dst, q_slot)
+        def logit_grad(pt, dpt, th):
+          delta = _load(sc.stats.at[slot, 1], col_layout)
+          return _logit_grad(scores, pt, dpt, lax.broadcast_in_dim(delta, shape, [1]), th)
 
-        dk, dv = _accumulate((dk, dv), grads)
+        if cfg.split:
+          def s_product(st_ref):
+            plgpu.wgmma(st_ref, k_smem, plgpu.transpose_ref(q_slot, (1, 0)))
+            return st_ref[...]
+
+          pt, th = probs(pl.run_scoped(s_product, plgpu.ACC(shape, jnp.float32)))
+          pt16 = pt.astype(dtype)
+
+          def dv_and_dp(dv_ref, dpt_ref):
+            dv_ref[...] = dv
+            plgpu.wgmma(dv_ref, pt16, do_slot)
+            plgpu.wgmma(dpt_ref, v_smem, plgpu.transpose_ref(do_slot, (1, 0)))
+            return dv_ref[...], dpt_ref[...]
+
+          dv, dpt = pl.run_scoped(dv_and_dp, plgpu.ACC(dv.shape, jnp.float32),
+                                  plgpu.ACC(shape, jnp.float32))
+          dst = logit_grad(pt, dpt, th).astype(dtype)
+          (dk,) = _accumulate((dk,), lambda dk_ref: plgpu.wgmma(dk_ref, dst, q_slot))
+        else:
+          st, dpt = _two_products(shape, shape, issue)
+          pt, th = probs(st)
+          dst = logit_grad(pt, dpt, th)
+          pt, dst = pt.astype(dtype), dst.astype(dtype)
+
+          def grads(dk_ref, dv_ref):
+            plgpu.wgmma(dv_ref, pt, do_slot)
+            plgpu.wgmma(dk_ref, dst, q_slot)
+
+          dk, dv = _accumulate((dk, dv), grads)
         plgpu.barrier_arrive(sc.free.at[slot])
         return dk, dv
 
@@ -442,7 +496,7 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(cfg.producer_regs, action="decrease")
 
     def sources(n):
       g = lax.div(n, jnp.maximum(per_head, 1))
@@ -503,12 +557,15 @@ def backward(q, k, v, out, lse, dout, dlse, ops, *, spec: AttentionSpec, cfgs, h
   for cfg in (cfg_q, cfg_kv):
     if cfg.block % 16 or not 16 <= cfg.block <= 256 or cfg.stages < 1:
       raise ValueError(f"{cfg}: block must be a multiple of 16 in [16, 256], stages at least 1")
+    if cfg.regs % 8 or cfg.regs > 256 or cfg.producer_regs < 24:
+      raise ValueError(f"{cfg}: regs must be a multiple of 8, at most 256, leaving the producer "
+                       f"at least 24 (it would get {cfg.producer_regs})")
     if cfg.smem_bytes(d, q.dtype.itemsize) > mf._SMEM_BYTES:
       raise ValueError(f"{cfg} needs {cfg.smem_bytes(d, q.dtype.itemsize)} bytes of shared memory")
   n_q = pl.cdiv(sq, _CTA_ROWS)
   n_k = pl.cdiv(sk, _CTA_ROWS)
   n_rows = max(n_q * _CTA_ROWS, pl.cdiv(sq, cfg_kv.block) * cfg_kv.block)
-  stats, delta = _stats(out, dout, lse, dlse, n_rows)
+  stats, _ = _stats(out, dout, lse, dlse, n_rows)
   qp, kp, vp, dop = (mf._pad_rows(x) for x in (q, k, v, dout.astype(q.dtype)))
   args = [qp, kp, vp, dop, stats]
   if spec.alibi:
@@ -516,10 +573,13 @@ def backward(q, k, v, out, lse, dout, dlse, ops, *, spec: AttentionSpec, cfgs, h
   extra = {"interpret": mosaic_interpret.params()} if interpret else {}
   common = dict(grid_names=("batch", "heads", "tiles"), num_threads=_CONSUMERS + 1,
                 thread_name="wg", compiler_params=mf._compiler_params(), **extra)
+  dq_type = jax.ShapeDtypeStruct(qp.shape, q.dtype)
+  if spec.sink:  # and rowsum(P dP) per query row, for dsink
+    dq_type = (dq_type, jax.ShapeDtypeStruct((b, h, n_q * _CTA_ROWS), jnp.float32))
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, spec=spec, cfg=cfg_q, group=h // hk, n_q_tiles=n_q,
                         reverse=mf._causal_like(spec.mask), d=d, dtype=q.dtype),
-      out_type=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      out_type=dq_type,
       scratch_types=_dq_scratch(cfg_q, d, q.dtype),
       grid=(b, h, n_q),  # a head's query tiles side by side share its keys in L2
       kernel_name="pallas_attn_mosaic_bwd_dq",
@@ -533,7 +593,12 @@ def backward(q, k, v, out, lse, dout, dlse, ops, *, spec: AttentionSpec, cfgs, h
       kernel_name="pallas_attn_mosaic_bwd_dkv",
       **common,
   )(*args)
+  if spec.sink:
+    dq, pdp = dq
   grads = Grads(dq[:, :sq], dk[:, :sk], dv[:, :sk])
   if spec.sink:
-    grads = dataclasses.replace(grads, dsink=_dsink(sink, lse, delta))
+    # delta from the kernel's fp32 P and dP rather than from the rounded output: dsink sums it
+    # over every row, where O's rounding (not cancelled as in dS) would dominate its error.
+    exact = pdp[..., :sq] - dlse.astype(jnp.float32)
+    grads = dataclasses.replace(grads, dsink=_dsink(sink, lse, exact))
   return grads
