@@ -185,6 +185,9 @@ INTERPRET_CASES = [
          alibi=True),
     # The backward with GQA sinks (dsink) and three key tiles per query tile.
     dict(b=1, sq=65, sk=150, h=2, hk=1, d=64, dtype="bfloat16", causal=True, n_sink=2),
+    # Causal ALiBi: the forward's split row/column distance (every visible key left of the
+    # diagonal), sq < sk so that the diagonal is offset.
+    dict(b=1, sq=100, sk=160, h=2, hk=2, d=64, dtype="float16", causal=True, alibi=True),
     # d=256 (64-row key tiles), causal, sinks; four key tiles through a ring of two slots.
     dict(b=1, sq=65, sk=200, h=1, hk=1, d=256, dtype="bfloat16", causal=True, n_sink=2),
 ]
@@ -206,6 +209,8 @@ LOWER_CASES = [
     dict(window=(64, -1), softcap=10.0),
     dict(softcap=30.0, alibi=True),
     dict(causal=True, n_sink=3),
+    dict(causal=True, alibi=True),
+    dict(window=(0, 50), alibi=True),
 ]
 
 

@@ -34,16 +34,20 @@ class Scores:
     j = cols[:, None] if transposed else cols[None, :]
     return self.logits_at(raw, i, j)
 
-  def logits_at(self, raw, i, j):
+  def logits_at(self, raw, i, j, alibi=None):
     """logits() on broadcastable query-row indices i and key indices j (a kernel's own index
-    tiles, e.g. Mosaic GPU's register layouts); they are read only with ALiBi."""
+    tiles, e.g. Mosaic GPU's register layouts); they are read only with ALiBi. alibi: the tile's
+    slope * |i + off - j| in the log2 domain where the caller has it in a cheaper form (then i
+    and j are not read)."""
     if self.softcap > 0:
       th = jnp.tanh(raw * (self.scale / self.softcap))
       s = th * (self.softcap * LOG2E)
     else:
       th = None
       s = raw * (self.scale * LOG2E)
-    if self.slope is not None:
+    if alibi is not None:
+      s = s - alibi
+    elif self.slope is not None:
       dist = jnp.abs(i + self.mask.off - j).astype(jnp.float32)
       s = s - (self.slope * LOG2E) * dist
     return s, th

@@ -140,6 +140,16 @@ def _scores(spec: AttentionSpec, alibi_ref, batch, head, shape):
   return km.Scores(spec.scale, spec.softcap, spec.mask, slope)
 
 
+def _alibi_split(spec: AttentionSpec, alibi_ref, batch, head, d0, shape, *, query_rows: bool):
+  """The log2-domain ALiBi term of a tile whose distance i + off - j is d0 +- (r - c), in the
+  forward's split form (mosaic_flash.alibi_split), where the band allows; else None (logits_at
+  computes it from index tiles)."""
+  side = mf.alibi_side(spec.mask) if spec.alibi else None
+  if side is None:
+    return None
+  return mf.alibi_split(alibi_ref[batch, head, 0] * LOG2E, d0, shape, side, query_rows=query_rows)
+
+
 def _logit_grad(scores: km.Scores, p, dp, delta, th):
   """dS over the softmax scale (applied once to dQ and dK): P (dP - delta), times tanh's
   derivative with softcap."""
@@ -294,7 +304,9 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
 
       s, dp = _two_products(shape, shape, issue)
       qi, kj = q0 + _iota(shape, 0), i * bk + _iota(shape, 1)
-      t, th = scores.logits_at(s, qi, kj)
+      alibi = _alibi_split(spec, alibi_ref, batch, head, q0 + mask.off - i * bk, shape,
+                           query_rows=True)
+      t, th = scores.logits_at(s, qi, kj, alibi)
       if masked:
         t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [0]))
@@ -436,7 +448,9 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
         def probs(st):
           lse2 = _load(sc.stats.at[slot, 0], col_layout)
           kj, qi = k0 + _iota(shape, 0), i * bq + _iota(shape, 1)
-          t, th = scores.logits_at(st, qi, kj)
+          alibi = _alibi_split(spec, alibi_ref, batch, head, i * bq + mask.off - k0, shape,
+                               query_rows=False)
+          t, th = scores.logits_at(st, qi, kj, alibi)
           if masked:
             t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
           return jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [1])), th

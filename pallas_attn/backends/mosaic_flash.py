@@ -3,7 +3,8 @@
 Layouts and results are triton_flash.forward's for the subset `covers` accepts: q (b, sq, H, d),
 k/v (b, sk, Hk, d) in bf16 or fp16 with d in {64, 128, 256}, out like q, lse (b, H, sq) fp32
 (natural log, +inf on empty rows); band masks (causal, windows, any sq and sk), softcap, ALiBi and
-"sh" sinks.
+"sh" sinks. ALiBi on a band that lies on one side of its diagonal (causal, for one) is added in
+a split row + column form (alibi_split), which the backward passes share.
 
 Schedule (FlashAttention-3's; jax's attention_mgpu example and tokamax's sm90 kernel run it too):
 one CTA per (batch, head, 128-row query tile), three warpgroups.
@@ -261,10 +262,12 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
     c = spec.softcap * LOG2E  # log2-domain logit = c * tanh(raw * scale / softcap)
   else:
     c = spec.scale * LOG2E  # log2-domain logit = c * raw
-  slope = None
+  slope = slope_s = None
+  side = alibi_side(mask) if spec.alibi else None  # not None: the split form (alibi_split)
   if spec.alibi:
     # ALiBi's -slope * |i + off - j| in units of the logit before the factor c.
-    slope = _splat(alibi_ref[batch, head, 0] * (LOG2E / c), (_ROWS, bk), wgmma_layout)
+    slope_s = alibi_ref[batch, head, 0] * (LOG2E / c)
+    slope = _splat(slope_s, (_ROWS, bk), wgmma_layout)
 
   def iota(dim):
     return plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), dim, layout=wgmma_layout)
@@ -293,10 +296,12 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
     plgpu.barrier_arrive(sc.k_free.at[slot])
     if spec.softcap > 0:
       s = jnp.tanh(s * (spec.scale / spec.softcap))
-    if spec.alibi or masked:
+    if (spec.alibi and side is None) or masked:
       rows = q0 + iota(0)
       cols = i * bk + iota(1)
-    if spec.alibi:
+    if side is not None:
+      s = s - alibi_split(slope_s, q0 + mask.off - i * bk, s.shape, side, query_rows=True)
+    elif spec.alibi:
       s = s - slope * jnp.abs(rows + mask.off - cols).astype(jnp.float32)
     if masked:
       s = jnp.where(mask.visible_at(rows, cols), s, -_INF)
@@ -369,6 +374,32 @@ def _consume(q_ref, k_ref, v_ref, alibi_ref, sink_ref, o_ref, lse_ref, sc: _Scra
   plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, _ROWS), head])
   plgpu.copy_smem_to_gmem(sc.lse.at[wg], lse_ref.at[batch, head, pl.ds(q0, _ROWS)])
   plgpu.wait_smem_to_gmem(0)
+
+
+def alibi_split(slope, d0, shape, side: int, *, query_rows: bool):
+  """slope * |i + off - j| on a WGMMA-layout tile whose distance i + off - j is d0 + r - c (rows r
+  are queries, columns c keys) or d0 - r + c (rows are keys), for a band whose visible pairs all
+  lie on one side of the diagonal (side: the distance's sign there, from alibi_side). It is a row
+  vector plus a column vector: an add per element where |i + off - j| from index tiles takes
+  two iotas, integer add, subtract, abs and a conversion."""
+  rows, cols = shape
+  r_coef = side if query_rows else -side  # |distance| = side * d0 + r_coef * r - r_coef * c
+  layout = plgpu.Layout.WGMMA
+  r = plgpu.broadcasted_iota(jnp.int32, (rows,), 0, layout=layout.reduce(1))
+  c = plgpu.broadcasted_iota(jnp.int32, (cols,), 0, layout=layout.reduce(0))
+  row = _splat(slope, (rows,), layout.reduce(1)) * (side * d0 + r_coef * r).astype(jnp.float32)
+  col = _splat(slope, (cols,), layout.reduce(0)) * (-r_coef * c).astype(jnp.float32)
+  return lax.broadcast_in_dim(row, shape, [0]) + lax.broadcast_in_dim(col, shape, [1])
+
+
+def alibi_side(mask: BandMask) -> int | None:
+  """+1 when every visible key j of row i has j <= i + off (right bound <= 0: causal), -1 when
+  every one has j >= i + off (left bound <= 0), else None (the band holds both sides)."""
+  if mask.right is not None and mask.right <= 0:
+    return 1
+  if mask.left is not None and mask.left <= 0:
+    return -1
+  return None
 
 
 def _splat(x, shape, layout):
