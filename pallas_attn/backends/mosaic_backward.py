@@ -140,14 +140,15 @@ def _scores(spec: AttentionSpec, alibi_ref, batch, head, shape):
   return km.Scores(spec.scale, spec.softcap, spec.mask, slope)
 
 
-def _alibi_split(spec: AttentionSpec, alibi_ref, batch, head, d0, shape, *, query_rows: bool):
-  """The log2-domain ALiBi term of a tile whose distance i + off - j is d0 +- (r - c), in the
-  forward's split form (mosaic_flash.alibi_split), where the band allows; else None (logits_at
-  computes it from index tiles)."""
+def _alibi_splitter(spec: AttentionSpec, alibi_ref, batch, head, shape, *, query_rows: bool):
+  """d0 -> the log2-domain ALiBi term of a tile whose distance i + off - j is d0 +- (r - c), in
+  the forward's split form (mosaic_flash.alibi_split), where the band allows; else d0 -> None
+  (logits_at computes it from index tiles). The head's slope is read once, outside the loop."""
   side = mf.alibi_side(spec.mask) if spec.alibi else None
   if side is None:
-    return None
-  return mf.alibi_split(alibi_ref[batch, head, 0] * LOG2E, d0, shape, side, query_rows=query_rows)
+    return lambda d0: None
+  slope2 = alibi_ref[batch, head, 0] * LOG2E
+  return lambda d0: mf.alibi_split(slope2, d0, shape, side, query_rows=query_rows)
 
 
 def _logit_grad(scores: km.Scores, p, dp, delta, th):
@@ -278,6 +279,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
     own = _own_band(mask.kv_tiles(q_tile * _CONSUMERS + wg, _ROWS, bk), lo_cta, hi_cta, active)
     shape = (_ROWS, bk)
     scores = _scores(spec, alibi_ref, batch, head, shape)
+    alibi_at = _alibi_splitter(spec, alibi_ref, batch, head, shape, query_rows=True)
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     lse2 = _load(sc.stats.at[wg, 0], row_layout)
     delta = _load(sc.stats.at[wg, 1], row_layout)
@@ -304,9 +306,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
 
       s, dp = _two_products(shape, shape, issue)
       qi, kj = q0 + _iota(shape, 0), i * bk + _iota(shape, 1)
-      alibi = _alibi_split(spec, alibi_ref, batch, head, q0 + mask.off - i * bk, shape,
-                           query_rows=True)
-      t, th = scores.logits_at(s, qi, kj, alibi)
+      t, th = scores.logits_at(s, qi, kj, alibi_at(q0 + mask.off - i * bk))
       if masked:
         t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [0]))
@@ -421,6 +421,7 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
     def head_steps(g, carry):
       head = kv_head * group + g
       scores = _scores(spec, alibi_ref, batch, head, shape)
+      alibi_at = _alibi_splitter(spec, alibi_ref, batch, head, shape, query_rows=False)
       base = g * per_head - lo_cta  # step number of query tile i: base + i
 
       def slot_of(i):
@@ -448,9 +449,7 @@ def _dkv_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, d: int, 
         def probs(st):
           lse2 = _load(sc.stats.at[slot, 0], col_layout)
           kj, qi = k0 + _iota(shape, 0), i * bq + _iota(shape, 1)
-          alibi = _alibi_split(spec, alibi_ref, batch, head, i * bq + mask.off - k0, shape,
-                               query_rows=False)
-          t, th = scores.logits_at(st, qi, kj, alibi)
+          t, th = scores.logits_at(st, qi, kj, alibi_at(i * bq + mask.off - k0))
           if masked:
             t = jnp.where(mask.visible_at(qi, kj), t, -_INF)
           return jnp.exp2(t - lax.broadcast_in_dim(lse2, shape, [1])), th
