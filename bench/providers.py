@@ -417,6 +417,7 @@ def registry(ours_tiles=()) -> list[Provider]:
   provs: list[Provider] = [PallasAttn()]
   provs += [PallasAttn(tiles=t, tag=tag) for tag, t in ours_tiles]
   provs.append(PallasAttn(backend="mosaic"))  # Mosaic GPU (Hopper); the backward at d=256 on Triton
+  provs.append(PallasAttn(backend="triton"))  # the Triton-lowered kernels, on any GPU
   provs += [
       TorchBridge(),
       Sdpa("sdpa-flash", "FLASH_ATTENTION"),

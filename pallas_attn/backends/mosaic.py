@@ -14,11 +14,14 @@ way.
 """
 from __future__ import annotations
 
+import os
+
 from pallas_attn.backends import mosaic_backward, mosaic_flash, registry
 
 
 class MosaicBackend:
-  automatic = False
+  # PALLAS_ATTN_MOSAIC_AUTOMATIC=1/0 overrides the default (read at import), for suite runs.
+  automatic = os.environ.get("PALLAS_ATTN_MOSAIC_AUTOMATIC", "0") not in ("", "0")
 
   @staticmethod
   def forward_only(call) -> bool:

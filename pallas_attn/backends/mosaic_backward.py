@@ -319,7 +319,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, cfg: BwdConfig, group: int, n_q_tiles
       return acc, pdp
 
     acc = plgpu.layout_cast(jnp.zeros((_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
-    pdp = mf._splat(0.0, (_ROWS,), row_layout)
+    pdp = mf._splat(0.0, (_ROWS,), row_layout) if spec.sink else None  # rowsum(P dP) for dsink
     acc, pdp = _band_loops((lo_cta, *own, hi_cta), skip, step, (acc, pdp), mask,
                            tail_masked=not (mask.is_dense and mask.sk % bk == 0))
 
