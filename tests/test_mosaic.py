@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +82,22 @@ def test_registered_choices():
                         (9, 0), n_sink=64)
   with pytest.raises(ValueError, match="sink logits"):
     registry.select(sinks, "mosaic")
+
+
+@needs_mosaic
+@pytest.mark.parametrize("value,want", [("1", True), ("0", False), ("", False)])
+def test_automatic_flag_follows_the_environment(value, want):
+  """PALLAS_ATTN_MOSAIC_AUTOMATIC (read at import) sets whether the dispatcher may pick Mosaic
+  unasked; a fresh process, since the flag is read once."""
+  code = ("from pallas_attn.backends import mosaic, registry; import jax.numpy as jnp; "
+          "from pallas_attn.spec import AttentionSpec, band_from_window; "
+          "spec = AttentionSpec(mask=band_from_window(128, 128, True, (-1, -1)), scale=0.125); "
+          "call = registry.Call(spec, 'forward', jnp.dtype('bfloat16'), 64, 'cuda', (9, 0)); "
+          "print(mosaic.MosaicBackend.automatic, registry.select(call))")
+  env = dict(os.environ, PALLAS_ATTN_MOSAIC_AUTOMATIC=value, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.split() == [str(want), "mosaic" if want else "triton"], out.stdout
 
 
 @needs_mosaic
