@@ -591,6 +591,32 @@ def test_cuda_jax_waits_for_torch_and_torch_for_jax():
 
 
 @cuda_test
+def test_cuda_differentiable_calls_wait_for_torch():
+  # Inputs that require grad take the forward/backward pair, which imports through the forward's
+  # views (_dlpack.reusing): its kernels too must wait for torch's writes of q and of dout.
+  q0, k0, v0 = _cuda_inputs(2, 2048, 8, 128, seed=12)
+  do0 = torch.randn_like(q0)
+
+  def run(delay: bool):
+    leaves = [x.clone().requires_grad_() for x in (q0, k0, v0)]
+    torch.cuda.synchronize()
+    if delay:
+      torch.cuda._sleep(SLEEP_CYCLES)  # pylint: disable=protected-access
+    q = leaves[0] * 1  # written about 0.1 s from now with delay
+    out = torch_bridge.flash_attn_func(q, leaves[1], leaves[2], causal=True)
+    if delay:
+      torch.cuda._sleep(SLEEP_CYCLES)  # pylint: disable=protected-access
+    out.backward(do0 * 1)  # dout, likewise late
+    got = [out.detach().float()] + [x.grad.float() for x in leaves]
+    torch.cuda.synchronize()
+    return got
+
+  expected = run(False)
+  for name, g, e in zip(("out", "dq", "dk", "dv"), run(True), expected):
+    assert torch.equal(g, e), name
+
+
+@cuda_test
 def test_cuda_compile_fullgraph_and_opcheck():
   torch._dynamo.reset()
   q, k, v = (x.requires_grad_() for x in _cuda_inputs(1, 256, 4, 64, seed=11))
@@ -738,6 +764,35 @@ def test_backward_reuses_the_forwards_views_of_saved_tensors(monkeypatch):
   ref = _grads(lambda q, k, v: attention_ref(q, k, v, causal=True), q, k, v, do)
   for name, g, r in zip(("dq", "dk", "dv"), grads, ref[2:]):
     torch.testing.assert_close(g, r.float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_every_call_through_views_takes_the_stream_fence(monkeypatch):
+  # A differentiable forward and its backward import through `views` (_dlpack.reusing). Each
+  # bridged call must import its first new tensor with the fence: only a buffer imported with
+  # JAX's stream after the fence makes the kernels wait for torch's queued work (the GPU check
+  # is test_cuda_differentiable_calls_wait_for_torch).
+  q, k, v, do = _inputs(1, 9, 11, 2, 2, 16, torch.float32)
+  q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+  _dlpack.output_path(q.device)  # the once-per-process donation probe imports too: not counted
+  calls = []
+  real = _dlpack._import  # pylint: disable=protected-access
+  monkeypatch.setattr(_dlpack, "_import",
+                      lambda t, target, fence: calls.append((tuple(t.shape), fence)) or real(t, target, fence))
+  out = torch_bridge.flash_attn_func(q, k, v, causal=True)
+  n_fwd = len(calls)
+  out.backward(do)
+  assert calls[0] == ((1, 9, 2, 16), True) and not any(f for _, f in calls[1:n_fwd]), calls
+  assert calls[n_fwd] == ((1, 9, 2, 16), True), "the backward's first new import (dout) is fenced"
+  assert not any(f for _, f in calls[n_fwd + 1:]), calls
+  # Nothing new to import: one fresh fenced import of the first tensor stands in.
+  target = _dlpack._target(q.device)  # pylint: disable=protected-access
+  views = {}
+  with _dlpack.reusing(views):
+    first = _dlpack._to_jax(target, [None, k.detach(), v.detach()])  # pylint: disable=protected-access
+    calls.clear()
+    again = _dlpack._to_jax(target, [None, k.detach(), v.detach()])  # pylint: disable=protected-access
+  assert calls == [((1, 11, 2, 16), True)], calls
+  assert again[0] is None and again[2] is first[2]
 
 
 def test_dispatch_modes_still_see_the_ops():

@@ -7,7 +7,9 @@ The rules every bridged call follows (`run`):
   first operand is imported with JAX's stream for external events, which makes that stream wait on
   an event recorded on torch's current stream after every operand and output was prepared. The
   other operands skip the per-tensor handshake; the executable waits for all of its operands, so
-  the one event orders all of them (one event per call instead of one per tensor).
+  the one event orders all of them (one event per call instead of one per tensor). A call that
+  reuses earlier views (`reusing`: a differentiable forward and its backward) fences its first
+  newly imported tensor the same way, or makes one fresh fenced import when nothing is new.
 - Outputs are allocated by torch and handed to the JAX function's donated, kernel-aliased buffers
   ("aliased" path). Where the JAX runtime does not honour donation of an imported buffer (XLA's
   CPU client does not), the plain function runs and torch copies its results ("copy" path); the
@@ -322,9 +324,25 @@ def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax
     # No JAX stream to hand torch: order by waiting on the host instead.
     torch.cuda.current_stream().synchronize()
   elif views is not None:
-    if target.platform == "gpu":  # views taken from `views` import nothing: fence once, alone
-      _jax_stream_waits_for_torch(next(t for t in tensors if t is not None).device, target.stream)
-    return [None if t is None else _reused(views, t, target) for t in tensors]
+    # The fence orders JAX's stream for external events, and the computation waits on that stream
+    # only through the definition event of a buffer imported with it afterwards: the first tensor
+    # this call imports anew takes the fence and the stream. (A fence queued alone, with every
+    # buffer imported without a stream, orders nothing the kernels wait on: a differentiable
+    # forward, which imports through `views`, could read q, k, v before torch had written them.)
+    out, fence = [], True
+    for t in tensors:
+      if t is None:
+        out.append(None)
+        continue
+      x, imported = _reused(views, t, target, fence)
+      fence = fence and not imported
+      out.append(x)
+    first = next((i for i, t in enumerate(tensors) if t is not None), None)
+    if fence and first is not None:
+      # Every tensor was a view from before: one fresh, fenced import of the first still gives
+      # the computation a buffer whose definition event follows torch's queued work.
+      out[first] = _import(tensors[first], target, True)
+    return out
   out, fence = [], True
   for t in tensors:
     if t is None:
@@ -335,12 +353,15 @@ def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax
   return out
 
 
-def _reused(views: dict, t: torch.Tensor, target: _Target) -> jax.Array:
+def _reused(views: dict, t: torch.Tensor, target: _Target, fence: bool) -> tuple[jax.Array, bool]:
+  """t's view from `views`, else a new import (fenced if `fence`), recorded there; and whether
+  it was imported."""
   key = _view_key(t)
   x = views.get(key)
   if x is None or x.is_deleted():  # a donated view is gone; its result took its place in `views`
-    x = views[key] = _import(t, target, False)
-  return x
+    x = views[key] = _import(t, target, fence)
+    return x, True
+  return x, False
 
 
 # ----------------------------------------------------------------------------------------------------
