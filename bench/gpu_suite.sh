@@ -8,6 +8,7 @@
 #   SHARDS=8 LIMIT_S=500 bash bench/gpu_suite.sh   # fewer processes, another limit
 #   SANITIZE=1 bash bench/gpu_suite.sh             # also compute-sanitizer memcheck over a subset
 #   DEMO=1 bash bench/gpu_suite.sh                 # also the main job (python -m pallas_attn.demo)
+#   PALLAS_ATTN_MOSAIC_AUTOMATIC=1 bash bench/gpu_suite.sh  # with Mosaic GPU chosen unasked on 9.x
 #
 # Each process writes $OUT/shard-I.log (pytest -v lines as they run); the summary at the end lists
 # every failure and the wall time.
