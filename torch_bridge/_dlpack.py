@@ -319,49 +319,32 @@ def reusing(views: dict):
 
 
 def _to_jax(target: _Target, tensors: Sequence[torch.Tensor | None]) -> list[jax.Array | None]:
+  """JAX views of `tensors`; under `reusing`, views from there serve and new ones are recorded.
+
+  The first tensor imported anew takes the stream fence: the computation waits for torch only
+  through the definition event of a buffer imported with JAX's stream after the fence (a fence
+  queued alone orders JAX's stream for external events, which the kernels do not wait on). When
+  every tensor is a view from before, one fresh fenced import of the first stands in."""
   views = getattr(_THREAD, "views", None)
   if target.platform == "gpu" and target.stream is None:
     # No JAX stream to hand torch: order by waiting on the host instead.
     torch.cuda.current_stream().synchronize()
-  elif views is not None:
-    # The fence orders JAX's stream for external events, and the computation waits on that stream
-    # only through the definition event of a buffer imported with it afterwards: the first tensor
-    # this call imports anew takes the fence and the stream. (A fence queued alone, with every
-    # buffer imported without a stream, orders nothing the kernels wait on: a differentiable
-    # forward, which imports through `views`, could read q, k, v before torch had written them.)
-    out, fence = [], True
-    for t in tensors:
-      if t is None:
-        out.append(None)
-        continue
-      x, imported = _reused(views, t, target, fence)
-      fence = fence and not imported
-      out.append(x)
-    first = next((i for i, t in enumerate(tensors) if t is not None), None)
-    if fence and first is not None:
-      # Every tensor was a view from before: one fresh, fenced import of the first still gives
-      # the computation a buffer whose definition event follows torch's queued work.
-      out[first] = _import(tensors[first], target, True)
-    return out
-  out, fence = [], True
-  for t in tensors:
+  out, fence, first = [], True, None
+  for i, t in enumerate(tensors):
     if t is None:
       out.append(None)
-    else:
-      out.append(_import(t, target, fence))
+      continue
+    first = i if first is None else first
+    x = None if views is None else views.get(_view_key(t))
+    if x is None or x.is_deleted():  # a donated view is gone; its result took its place in `views`
+      x = _import(t, target, fence)
       fence = False
+      if views is not None:
+        views[_view_key(t)] = x
+    out.append(x)
+  if fence and first is not None:
+    out[first] = _import(tensors[first], target, True)
   return out
-
-
-def _reused(views: dict, t: torch.Tensor, target: _Target, fence: bool) -> tuple[jax.Array, bool]:
-  """t's view from `views`, else a new import (fenced if `fence`), recorded there; and whether
-  it was imported."""
-  key = _view_key(t)
-  x = views.get(key)
-  if x is None or x.is_deleted():  # a donated view is gone; its result took its place in `views`
-    x = views[key] = _import(t, target, fence)
-    return x, True
-  return x, False
 
 
 # ----------------------------------------------------------------------------------------------------
